@@ -1,0 +1,155 @@
+"""Load an unmodified HF DeepSeek folder into `DeepseekForCausalLM`.
+
+Every Cell parameter gets a rule naming the checkpoint tensor that feeds it. Most names
+are identical (the Cells mirror HF's module tree); the exceptions are
+
+* routed experts, stacked per layer: `mlp.experts.{e}.gate_proj.weight` -> row e of
+  `mlp.experts.gate_proj` (only this rank's experts; others are skipped);
+* the MTP modules, stored by DeepSeek as decoder layer `num_hidden_layers + k`: its
+  `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and block tensors load into `mtp.{k}`,
+  while its copies of `embed_tokens` and `shared_head.head` are the main model's shared
+  tensors (checked, not loaded twice).
+
+Tensors stream one at a time (FP8 ones dequantized block-wise on the way), so peak
+memory stays close to the final model size.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import DeepseekConfig
+from .safetensors_io import CheckpointError, CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class WeightRule:
+    param: object                  # mindspore Parameter, or None for shared/skipped tensors
+    shape: Tuple[int, ...]         # full checkpoint shape
+    shard: Optional[tuple] = None  # (axis, start, stop) this rank reads
+    row: Optional[int] = None      # index into a stacked (expert) parameter
+    kind: str = "load"             # load | shared | skip
+    never_fp8: bool = False        # router weight and bias stay high precision in FP8 checkpoints
+
+
+def _hf_name(ours: str, config: DeepseekConfig) -> str:
+    """Our Cell path -> checkpoint name."""
+    if ours.startswith("mtp."):
+        _, k, rest = ours.split(".", 2)
+        prefix = f"model.layers.{config.num_hidden_layers + int(k)}"
+        if rest.startswith("block."):
+            return f"{prefix}.{rest[len('block.'):]}"
+        if rest.startswith("shared_head_norm."):
+            return f"{prefix}.shared_head.norm.{rest[len('shared_head_norm.'):]}"
+        return f"{prefix}.{rest}"
+    return ours
+
+
+def weight_rules(net) -> Dict[str, WeightRule]:
+    """Checkpoint tensor name -> how it loads into `net` (a DeepseekForCausalLM)."""
+    from ..model.linear import Linear
+    from ..model.moe import RoutedExperts, Router
+
+    config: DeepseekConfig = net.config
+    rules: Dict[str, WeightRule] = {}
+    owned = set()
+    for cell_name, cell in net.cells_and_names():
+        if isinstance(cell, Linear):
+            rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(
+                cell.weight, cell.expected_hf_shape(), cell.shard_of(cell.expected_hf_shape()))
+            owned.add(id(cell.weight))
+        elif isinstance(cell, Router):
+            rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(cell.weight, tuple(cell.weight.shape),
+                                                                         never_fp8=True)
+            owned.add(id(cell.weight))
+            if cell.use_bias:
+                b = cell.e_score_correction_bias
+                rules[_hf_name(f"{cell_name}.e_score_correction_bias", config)] = WeightRule(
+                    b, tuple(b.shape), never_fp8=True)
+                owned.add(id(b))
+        elif isinstance(cell, RoutedExperts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                param = getattr(cell, proj)
+                owned.add(id(param))
+                per_expert = tuple(param.shape[1:])
+                for e in range(cell.n_routed_experts):
+                    local = e - cell.first_expert
+                    name = _hf_name(f"{cell_name}.{e}.{proj}.weight", config)
+                    if 0 <= local < cell.n_local_experts:
+                        rules[name] = WeightRule(param, per_expert, row=local)
+                    else:
+                        rules[name] = WeightRule(None, per_expert, kind="skip")
+    for name, param in net.parameters_and_names():
+        if id(param) not in owned:  # norms and the embedding: plain, unsharded tensors
+            rules[_hf_name(name, config)] = WeightRule(param, tuple(param.shape))
+    for k in range(config.num_nextn_predict_layers):
+        prefix = f"model.layers.{config.num_hidden_layers + k}"
+        rules[f"{prefix}.embed_tokens.weight"] = WeightRule(None, (config.vocab_size, config.hidden_size),
+                                                            kind="shared")
+        rules[f"{prefix}.shared_head.head.weight"] = WeightRule(None, (config.vocab_size, config.hidden_size),
+                                                                kind="shared")
+    return rules
+
+
+def _check_tensor(reader: CheckpointReader, name: str, rule: WeightRule, config: DeepseekConfig) -> None:
+    where = f"{reader.file_of(name)}: tensor '{name}'"
+    shape = tuple(reader.shape(name))
+    if shape != tuple(rule.shape):
+        raise CheckpointError(f"{where} has shape {list(shape)}, expected {list(rule.shape)}")
+    dtype = reader.dtype(name)
+    if dtype == "F8_E4M3":
+        if config.quantization_config is None:
+            raise CheckpointError(f"{where} is FP8 (F8_E4M3) but config.json has no quantization_config")
+        if rule.never_fp8 or len(shape) != 2:
+            raise CheckpointError(f"{where} is FP8 (F8_E4M3); only 2-D projection weights may be FP8")
+    elif dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{where} has dtype {dtype}, expected one of {', '.join(FLOAT_DTYPES)}"
+                              + (" or F8_E4M3" if config.quantization_config else ""))
+
+
+def load_hf_weights(net, folder: str, progress: bool = True) -> None:
+    """Validate the whole checkpoint against `net`, then stream every tensor into it."""
+    import mindspore as ms
+
+    config: DeepseekConfig = net.config
+    reader = CheckpointReader(folder)
+    rules = weight_rules(net)
+    present = set(reader.logical_names())
+    for name in sorted(present):
+        if name not in rules:
+            raise CheckpointError(f"{reader.file_of(name)}: unexpected tensor '{name}' "
+                                  f"(not part of a {config.model_type} model with this config.json)")
+    for name in sorted(rules):
+        if name not in present:
+            raise CheckpointError(f"{folder}: missing tensor '{name}'")
+        _check_tensor(reader, name, rules[name], config)
+
+    block = tuple(config.quantization_config.weight_block_size) if config.quantization_config else (128, 128)
+    stacked: Dict[int, np.ndarray] = {}
+    loadable = [n for n in sorted(rules, key=lambda n: (reader.file_of(n), n)) if rules[n].kind == "load"]
+    bar = tqdm(loadable, desc=f"loading {os.path.basename(os.path.normpath(folder))}", unit="tensor",
+               disable=not progress, leave=False)
+    for name in bar:
+        rule = rules[name]
+        target_dtype = ms.dtype_to_nptype(rule.param.dtype)
+        array = reader.read_dequantized(name, block_size=block, slice=rule.shard)
+        if rule.row is not None:
+            buf = stacked.get(id(rule.param))
+            if buf is None:
+                buf = stacked[id(rule.param)] = np.empty(tuple(rule.param.shape), dtype=target_dtype)
+            buf[rule.row] = array
+            continue
+        rule.param.set_data(ms.Tensor.from_numpy(np.ascontiguousarray(array, dtype=target_dtype)))
+    for param in {id(r.param): r.param for r in rules.values() if r.row is not None}.values():
+        param.set_data(ms.Tensor.from_numpy(stacked.pop(id(param))))
+    reader.close()
+    logger.info("loaded %d tensors from %s", len(loadable), folder)

@@ -1,0 +1,1 @@
+"""MindSpore Cells of the DeepSeek architecture, one file per concept."""

@@ -1,0 +1,130 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2 paper section 2.1).
+
+Per token, keys and values are compressed into one latent c_kv of `kv_lora_rank` values
+plus a single rope key k_pe of `qk_rope_head_dim` values shared by all heads. Only
+[c_kv ; k_pe] -- `latent_dim` values per token per layer -- is ever cached.
+
+Two forms of the same attention:
+
+* `prefill` (expanded): up-project c_kv into per-head k_nope and v with `kv_b_proj`, as
+  in training. Cheapest when every key is new.
+* `cached` (absorbed): fold kv_b_proj's key half into the query (W_UK) and its value half
+  into the output (W_UV), so attention runs directly against the cached latents. This is
+  what makes decode read latent_dim values per past token instead of heads*(dn+dr+dv).
+  New tokens attend to the cache and to themselves; the softmax is split over the two
+  parts so the graph never has to write into the cache.
+"""
+from __future__ import annotations
+
+from mindspore import nn, ops
+
+import mindspore as ms
+
+from ..config import DeepseekConfig
+from .linear import NO_TP, Linear, TPGroup
+from .norm import RMSNorm
+from .rope import apply_rope
+
+# DeepSeek hard-codes the eps of the two latent norms; rms_norm_eps does not apply to them.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nn.Cell):
+    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, param_dtype=ms.float32):
+        super().__init__()
+        c = config
+        if c.num_attention_heads % tp.size:
+            raise ValueError(f"num_attention_heads ({c.num_attention_heads}) does not divide over "
+                             f"tensor-parallel size {tp.size}")
+        self.n_local_heads = c.num_attention_heads // tp.size
+        self.q_lora_rank = c.q_lora_rank
+        self.kv_lora_rank = c.kv_lora_rank
+        self.qk_nope_head_dim = c.qk_nope_head_dim
+        self.qk_rope_head_dim = c.qk_rope_head_dim
+        self.v_head_dim = c.v_head_dim
+        self.softmax_scale = c.softmax_scale
+        H, n_heads = c.hidden_size, c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = Linear(H, n_heads * c.qk_head_dim, "column", tp, param_dtype)
+        else:
+            self.q_a_proj = Linear(H, c.q_lora_rank, "replicated", tp, param_dtype)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, param_dtype)
+            self.q_b_proj = Linear(c.q_lora_rank, n_heads * c.qk_head_dim, "column", tp, param_dtype)
+        self.kv_a_proj_with_mqa = Linear(H, c.kv_lora_rank + c.qk_rope_head_dim, "replicated", tp, param_dtype)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, param_dtype)
+        self.kv_b_proj = Linear(c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), "column", tp,
+                                param_dtype)
+        self.o_proj = Linear(n_heads * c.v_head_dim, H, "row", tp, param_dtype)
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    def _project(self, x, cos, sin):
+        """Queries split into (nope, rope) parts and the new tokens' latent [c_kv ; k_pe]."""
+        B, S, _ = x.shape
+        nh, dn, dr = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, S, nh, dn + dr)
+        q_nope = q[:, :, :, :dn]
+        q_pe = apply_rope(q[:, :, :, dn:], cos, sin)
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[:, :, :self.kv_lora_rank])
+        k_pe = apply_rope(kv[:, :, self.kv_lora_rank:], cos, sin)
+        return q_nope, q_pe, c_kv, k_pe
+
+    def prefill(self, x, cos, sin, mask):
+        """Expanded MLA over S new tokens with no cached past.
+
+        x [B,S,H]; cos/sin [B,S,dr/2]; mask [B,S,S] additive (0 or -1e30).
+        Returns (out [B,S,H], latent [B,S,latent_dim]).
+        """
+        B, S, _ = x.shape
+        nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        kv = self.kv_b_proj(c_kv).reshape(B, S, nh, dn + dv)
+        k_nope = kv[:, :, :, :dn]
+        v = kv[:, :, :, dn:]
+        scores = self.bmm_t(q_nope.transpose(0, 2, 1, 3), k_nope.transpose(0, 2, 1, 3))       # [B,nh,S,S]
+        # the rope key is one head shared by all query heads: fold heads into the query axis
+        s_pe = self.bmm_t(q_pe.reshape(B, S * nh, dr), k_pe).reshape(B, S, nh, S).transpose(0, 2, 1, 3)
+        scores = (scores + s_pe).astype(ms.float32) * self.softmax_scale + mask.expand_dims(1)
+        probs = ops.softmax(scores, -1).astype(v.dtype)
+        out = self.bmm(probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).reshape(B, S, nh * dv)
+        return self.o_proj(out), ops.concat((c_kv, k_pe), -1)
+
+    def cached(self, x, cos, sin, cache, past_mask, self_mask):
+        """Absorbed MLA: S new tokens attend to T cached latents and to themselves.
+
+        cache [B,T,latent_dim] (read only); past_mask [B,S,T]; self_mask [B,S,S] (additive).
+        Returns (out [B,S,H], new latent rows [B,S,latent_dim]) -- the caller stores the rows.
+        """
+        B, S, _ = x.shape
+        nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        r = self.kv_lora_rank
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        w = self.kv_b_proj.weight.astype(x.dtype).reshape(nh, dn + dv, r)
+        w_uk = w[:, :dn, :]                                                     # [nh,dn,r]
+        w_uv = w[:, dn:, :]                                                     # [nh,dv,r]
+        q_lat = self.bmm(q_nope.reshape(B * S, nh, dn).transpose(1, 0, 2), w_uk)   # [nh,BS,r]
+        q_lat = q_lat.transpose(1, 0, 2).reshape(B, S * nh, r)
+        q_full = ops.concat((q_lat, q_pe.reshape(B, S * nh, dr)), -1)          # [B,S*nh,latent]
+        new = ops.concat((c_kv, k_pe), -1)                                      # [B,S,latent]
+        T = cache.shape[1]
+        scale = self.softmax_scale
+        s_past = self.bmm_t(q_full, cache.astype(x.dtype)).astype(ms.float32).reshape(B, S, nh, T) * scale
+        s_past = s_past + past_mask.expand_dims(2)
+        s_new = self.bmm_t(q_full, new).astype(ms.float32).reshape(B, S, nh, S) * scale
+        s_new = s_new + self_mask.expand_dims(2)
+        m = ops.maximum(s_past.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+        e_past = ops.exp(s_past - m)
+        e_new = ops.exp(s_new - m)
+        denom = (e_past.sum(-1, keepdims=True) + e_new.sum(-1, keepdims=True)).reshape(B, S * nh, 1)
+        o_past = self.bmm(e_past.reshape(B, S * nh, T).astype(x.dtype), cache.astype(x.dtype))
+        o_new = self.bmm(e_new.reshape(B, S * nh, S).astype(x.dtype), new)
+        # the rope columns of the latent carry no value information: drop them after the product
+        o_lat = ((o_past + o_new)[:, :, :r] / denom.astype(x.dtype))           # [B,S*nh,r]
+        o = self.bmm_t(o_lat.reshape(B * S, nh, r).transpose(1, 0, 2), w_uv)   # [nh,BS,dv]
+        o = o.transpose(1, 0, 2).reshape(B, S, nh * dv)
+        return self.o_proj(o), new

@@ -1,0 +1,103 @@
+"""The single linear-layer abstraction every projection goes through.
+
+A `Linear` knows two things besides its size:
+
+* its tensor-parallel role -- "column" (output features split across ranks), "row"
+  (input features split; partial sums all-reduced) or "replicated";
+* its weight format -- how the weight is stored and turned into a matmul. "dense" keeps
+  the weight in `param_dtype`; quantized formats plug in as further `WeightFormat`s.
+
+Weights are stored in the checkpoint's [out, in] layout (y = x W^T), so each rank's slice
+of an HF tensor is a contiguous row or column range that can be read lazily.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+import mindspore as ms
+
+from ..backend import AllReduce
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """A rank's place in a tensor-parallel group (size 1 = no parallelism)."""
+    size: int = 1
+    rank: int = 0
+    name: Optional[str] = None
+
+
+NO_TP = TPGroup()
+
+ROLES = ("column", "row", "replicated")
+
+
+class DenseWeight:
+    """Plain weights in param_dtype, multiplied in compute_dtype."""
+    name = "dense"
+
+    @staticmethod
+    def create(shape, param_dtype):
+        return {"weight": Parameter(initializer("zeros", shape, param_dtype), name="weight")}
+
+    @staticmethod
+    def matmul(cell, x2d):
+        return cell.matmul(x2d, cell.weight.astype(x2d.dtype))
+
+
+WEIGHT_FORMATS = {DenseWeight.name: DenseWeight}
+
+
+class Linear(nn.Cell):
+    def __init__(self, in_features: int, out_features: int, role: str = "replicated",
+                 tp: TPGroup = NO_TP, param_dtype=ms.float32, weight_format: str = "dense"):
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"Linear role must be one of {ROLES}, got {role!r}")
+        if role != "replicated" and tp.size > 1:
+            split = out_features if role == "column" else in_features
+            if split % tp.size:
+                raise ValueError(f"{role}-parallel Linear: {split} features do not divide over "
+                                 f"tensor-parallel size {tp.size}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.role = role
+        self.tp = tp
+        self.local_in = in_features // tp.size if role == "row" else in_features
+        self.local_out = out_features // tp.size if role == "column" else out_features
+        self.fmt = WEIGHT_FORMATS[weight_format]
+        for name, param in self.fmt.create((self.local_out, self.local_in), param_dtype).items():
+            setattr(self, name, param)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.reduce = AllReduce(tp.name, tp.size) if role == "row" else None
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.fmt.matmul(self, x.reshape(-1, shape[-1]))
+        if self.reduce is not None:
+            y = self.reduce(y)
+        return y.reshape(shape[:-1] + (self.local_out,))
+
+    # ---- checkpoint seam ----
+    def shard_of(self, full_shape: Tuple[int, int]):
+        """(axis, start, stop) of this rank's slice of the [out, in] HF tensor, or None."""
+        if self.tp.size == 1 or self.role == "replicated":
+            return None
+        if self.role == "column":
+            return 0, self.tp.rank * self.local_out, (self.tp.rank + 1) * self.local_out
+        return 1, self.tp.rank * self.local_in, (self.tp.rank + 1) * self.local_in
+
+    def expected_hf_shape(self):
+        return (self.out_features, self.in_features)
+
+
+def take_shard(array: np.ndarray, shard) -> np.ndarray:
+    if shard is None:
+        return array
+    axis, start, stop = shard
+    return np.ascontiguousarray(np.take(array, np.arange(start, stop), axis=axis))

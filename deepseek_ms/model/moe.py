@@ -1,0 +1,170 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, and the dense SwiGLU MLP.
+
+Routing (always in fp32) follows DeepSeek's own semantics:
+
+* ``greedy`` (V2-Lite): softmax scores, plain top-k.
+* ``group_limited_greedy`` (V2): softmax scores; groups ranked by their best expert; top-k
+  inside the best `topk_group` groups.
+* ``noaux_tc`` (V3/R1): sigmoid scores; `e_score_correction_bias` is added for *selection
+  only*; groups ranked by the sum of their top-2 biased scores; dropped groups masked
+  out; the chosen experts are weighted by their unbiased scores.
+
+Weight post-processing: V3 renormalises when `norm_topk_prob` and always multiplies by
+`routed_scaling_factor`; V2 renormalises (top_k > 1 and norm_topk_prob) *or* scales.
+
+Experts are addressed by global id. A rank holding experts [first_expert, first_expert +
+n_local_experts) computes only those and the expert-parallel all-reduce adds the rest.
+"""
+from __future__ import annotations
+
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+import mindspore as ms
+
+from ..backend import AllReduce
+from ..config import DeepseekConfig
+from .linear import NO_TP, Linear, TPGroup
+
+_MASKED = -1e30  # a dropped group's experts can never be selected
+
+
+class MLP(nn.Cell):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup = NO_TP, param_dtype=ms.float32):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, "column", tp, param_dtype)
+        self.up_proj = Linear(hidden_size, intermediate_size, "column", tp, param_dtype)
+        self.down_proj = Linear(intermediate_size, hidden_size, "row", tp, param_dtype)
+
+    def construct(self, x):
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Cell):
+    """Top-k expert selection. Returns (indices [N,k] int32, weights [N,k] fp32)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        c = config
+        self.n_routed_experts = c.n_routed_experts
+        self.top_k = c.num_experts_per_tok
+        self.n_group = c.n_group or 1
+        self.topk_group = c.topk_group or 1
+        self.topk_method = c.topk_method
+        self.scoring_func = c.scoring_func
+        self.norm_topk_prob = bool(c.norm_topk_prob)
+        self.routed_scaling_factor = float(c.routed_scaling_factor)
+        self.v3_weighting = c.model_type == "deepseek_v3"
+        # the router runs in fp32 whatever the model dtype
+        self.weight = Parameter(initializer("zeros", (c.n_routed_experts, c.hidden_size), ms.float32),
+                                name="weight")
+        self.use_bias = c.topk_method == "noaux_tc"
+        if self.use_bias:
+            self.e_score_correction_bias = Parameter(initializer("zeros", (c.n_routed_experts,), ms.float32),
+                                                     name="e_score_correction_bias", requires_grad=False)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.topk = ops.TopK(sorted=True)
+
+    def _keep_best_groups(self, select_scores, group_scores):
+        """Mask every expert outside the `topk_group` best groups."""
+        N = select_scores.shape[0]
+        _, group_idx = self.topk(group_scores, self.topk_group)                    # [N,tg]
+        group_mask = ops.one_hot(group_idx, self.n_group, ms.Tensor(1.0, ms.float32),
+                                 ms.Tensor(0.0, ms.float32)).sum(1)                 # [N,G]
+        per_group = self.n_routed_experts // self.n_group
+        expert_mask = ops.broadcast_to(group_mask.expand_dims(-1), (N, self.n_group, per_group))
+        expert_mask = expert_mask.reshape(N, self.n_routed_experts)
+        return select_scores * expert_mask + (1.0 - expert_mask) * _MASKED
+
+    def construct(self, x):
+        logits = self.matmul(x.astype(ms.float32), self.weight)                    # [N,E]
+        if self.scoring_func == "sigmoid":
+            scores = ops.sigmoid(logits)
+        else:
+            scores = ops.softmax(logits, -1)
+        N = scores.shape[0]
+        select = scores
+        if self.use_bias:
+            select = scores + self.e_score_correction_bias.expand_dims(0)
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = select.reshape(N, self.n_group, self.n_routed_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                top2, _ = self.topk(grouped, 2)
+                group_scores = top2.sum(-1)
+            else:
+                group_scores = grouped.max(-1)
+            select = self._keep_best_groups(select, group_scores)
+        _, idx = self.topk(select, self.top_k)
+        weights = ops.gather_elements(scores, 1, idx)                              # unbiased scores
+        if self.v3_weighting:
+            if self.norm_topk_prob:
+                weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+            weights = weights * self.routed_scaling_factor
+        elif self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        else:
+            weights = weights * self.routed_scaling_factor
+        return idx, weights
+
+
+class RoutedExperts(nn.Cell):
+    """This rank's routed SwiGLU experts, stacked: [n_local_experts, out, in] per projection."""
+
+    def __init__(self, config: DeepseekConfig, first_expert: int = 0, n_local_experts=None,
+                 param_dtype=ms.float32):
+        super().__init__()
+        c = config
+        self.n_routed_experts = c.n_routed_experts
+        self.first_expert = first_expert
+        self.n_local_experts = n_local_experts or c.n_routed_experts
+        E, H, I = self.n_local_experts, c.hidden_size, c.moe_intermediate_size
+        self.gate_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="gate_proj")
+        self.up_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="up_proj")
+        self.down_proj = Parameter(initializer("zeros", (E, H, I), param_dtype), name="down_proj")
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x, idx, weights):
+        """x [N,H]; idx/weights [N,k] -> sum over chosen local experts of weight * expert(x)."""
+        N, H = x.shape
+        dtype = x.dtype
+        # combine[n, e]: weight of global expert e for token n (0 when not chosen)
+        combine = (ops.one_hot(idx, self.n_routed_experts, ms.Tensor(1.0, ms.float32),
+                               ms.Tensor(0.0, ms.float32)) * weights.expand_dims(-1)).sum(1)
+        combine = combine[:, self.first_expert:self.first_expert + self.n_local_experts]
+        # Every local expert sees every token and unchosen ones are weighted 0: static shapes,
+        # one batched matmul per projection. Exact, and fast for the small expert counts a
+        # CPU runs; device kernels replace this with grouped matmuls over dispatched tokens.
+        xb = ops.broadcast_to(x.expand_dims(0), (self.n_local_experts, N, H))
+        g = self.bmm_t(xb, self.gate_proj.astype(dtype))
+        u = self.bmm_t(xb, self.up_proj.astype(dtype))
+        y = self.bmm_t(ops.silu(g) * u, self.down_proj.astype(dtype))               # [E,N,H]
+        return (y * combine.transpose(1, 0).expand_dims(-1).astype(dtype)).sum(0)
+
+
+class MoE(nn.Cell):
+    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP,
+                 param_dtype=ms.float32):
+        super().__init__()
+        c = config
+        if c.n_routed_experts % ep.size:
+            raise ValueError(f"n_routed_experts ({c.n_routed_experts}) does not divide over "
+                             f"expert-parallel size {ep.size}")
+        n_local = c.n_routed_experts // ep.size
+        self.gate = Router(c)
+        self.experts = RoutedExperts(c, ep.rank * n_local, n_local, param_dtype)
+        self.ep_reduce = AllReduce(ep.name, ep.size)
+        self.has_shared = bool(c.n_shared_experts)
+        if self.has_shared:
+            self.shared_experts = MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, tp, param_dtype)
+
+    def construct(self, x):
+        """x [B,S,H] -> (y [B,S,H], routing indices [B*S,k], routing weights [B*S,k])."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, weights = self.gate(flat)
+        y = self.ep_reduce(self.experts(flat, idx, weights))
+        if self.has_shared:
+            y = y + self.shared_experts(flat)
+        return y.reshape(shape), idx, weights

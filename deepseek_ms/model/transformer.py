@@ -1,0 +1,206 @@
+"""The DeepSeek decoder stack as MindSpore Cells.
+
+Cell attribute names follow the HF checkpoint (`model.layers.3.self_attn.kv_b_proj`), so
+most parameters are named exactly like their checkpoint tensors; see
+`deepseek_ms.checkpoint.hf_loader` for the few that are not (stacked experts, MTP).
+
+The stack has two forward forms, both pure functions of their inputs so that each
+compiles into one static graph:
+
+* `prefill(ids, positions, mask)`: no cached past, expanded attention.
+* `cached(ids, positions, past_mask, self_mask, caches)`: new tokens over a latent cache,
+  absorbed attention. The cache is never written in the graph: each layer returns its new
+  latent rows and the caller stores them.
+"""
+from __future__ import annotations
+
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+import mindspore as ms
+
+from ..config import DeepseekConfig
+from .attention import MLAttention
+from .linear import NO_TP, Linear, TPGroup
+from .moe import MLP, MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, config: DeepseekConfig, layer_id: int, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP,
+                 param_dtype=ms.float32):
+        super().__init__()
+        c = config
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        self.self_attn = MLAttention(c, tp, param_dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        self.is_moe = c.is_moe_layer(layer_id)
+        if self.is_moe:
+            self.mlp = MoE(c, tp, ep, param_dtype)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, tp, param_dtype)
+
+    def _ffn(self, h):
+        """Returns (output, routing); routing is (indices, weights) for MoE layers, () otherwise."""
+        x = self.post_attention_layernorm(h)
+        if self.is_moe:
+            y, idx, weights = self.mlp(x)
+            return h + y, (idx, weights)
+        return h + self.mlp(x), ()
+
+    def prefill(self, x, cos, sin, mask):
+        a, latent = self.self_attn.prefill(self.input_layernorm(x), cos, sin, mask)
+        h, routing = self._ffn(x + a)
+        return h, latent, routing
+
+    def cached(self, x, cos, sin, cache, past_mask, self_mask):
+        a, latent = self.self_attn.cached(self.input_layernorm(x), cos, sin, cache, past_mask, self_mask)
+        h, routing = self._ffn(x + a)
+        return h, latent, routing
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab_size: int, hidden_size: int, param_dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (vocab_size, hidden_size), param_dtype), name="weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+class DeepseekModel(nn.Cell):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP, param_dtype=ms.float32):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, param_dtype)
+        self.layers = nn.CellList([DecoderLayer(config, i, tp, ep, param_dtype)
+                                   for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+
+
+class MTPLayer(nn.Cell):
+    """One multi-token-prediction module (DeepSeek-V3 section 2.2).
+
+    Position i combines the main model's final hidden state h_i with the embedding of the
+    next token t_{i+1} and predicts t_{i+2}: eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]) ->
+    its own decoder block -> shared_head.norm -> the main model's lm_head. The embedding
+    and output head are shared with the main model, as in DeepSeek's checkpoints.
+    """
+
+    def __init__(self, config: DeepseekConfig, layer_id: int, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP,
+                 param_dtype=ms.float32):
+        super().__init__()
+        H = config.hidden_size
+        self.enorm = RMSNorm(H, config.rms_norm_eps, param_dtype)
+        self.hnorm = RMSNorm(H, config.rms_norm_eps, param_dtype)
+        self.eh_proj = Linear(2 * H, H, "replicated", tp, param_dtype)
+        self.block = DecoderLayer(config, layer_id, tp, ep, param_dtype)
+        self.shared_head_norm = RMSNorm(H, config.rms_norm_eps, param_dtype)
+
+    def combine(self, next_token_embeds, hidden):
+        return self.eh_proj(ops.concat((self.enorm(next_token_embeds), self.hnorm(hidden)), -1))
+
+
+class DeepseekForCausalLM(nn.Cell):
+    def __init__(self, config: DeepseekConfig, max_seq_len: int = 4096, tp: TPGroup = NO_TP,
+                 ep: TPGroup = NO_TP, param_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.model = DeepseekModel(config, tp, ep, param_dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, "replicated", tp, param_dtype)
+        self.rotary = RotaryEmbedding(config, max_seq_len)
+        self.mtp = nn.CellList([MTPLayer(config, config.num_hidden_layers + k, tp, ep, param_dtype)
+                                for k in range(config.num_nextn_predict_layers)])
+
+    def embed(self, ids):
+        return self.model.embed_tokens(ids).astype(self.compute_dtype)
+
+    def head(self, hidden):
+        return self.lm_head(hidden).astype(ms.float32)
+
+    def prefill(self, ids, positions, mask):
+        """Returns (final hidden [B,S,H] after the norm, latents list, routing list)."""
+        cos, sin = self.rotary(positions)
+        h = self.embed(ids)
+        latents = []
+        routing = []
+        for layer in self.model.layers:
+            h, latent, r = layer.prefill(h, cos, sin, mask)
+            latents.append(latent)
+            if layer.is_moe:
+                routing.append(r)
+        return self.model.norm(h), latents, routing
+
+    def cached(self, ids, positions, past_mask, self_mask, caches):
+        cos, sin = self.rotary(positions)
+        h = self.embed(ids)
+        latents = []
+        routing = []
+        for i, layer in enumerate(self.model.layers):
+            h, latent, r = layer.cached(h, cos, sin, caches[i], past_mask, self_mask)
+            latents.append(latent)
+            if layer.is_moe:
+                routing.append(r)
+        return self.model.norm(h), latents, routing
+
+    def mtp_prefill(self, ids, hidden, positions, mask, depth: int = 0):
+        """MTP logits [B,S-1,V]: entry i predicts token i+2 from hidden[:, i] and ids[:, i+1].
+
+        positions/mask are for the S-1 combined positions."""
+        layer = self.mtp[depth]
+        x = layer.combine(self.embed(ids[:, 1:]), hidden[:, :-1])
+        cos, sin = self.rotary(positions)
+        h, _, _ = layer.block.prefill(x, cos, sin, mask)
+        return self.head(layer.shared_head_norm(h))
+
+
+class PrefillStep(nn.Cell):
+    """Graph entry: prompt logits [B,S,V], latents [L,B,S,latent_dim] and, for models with
+    MoE layers, the routing of every MoE layer ([n_moe,B*S,k] indices and weights)."""
+
+    def __init__(self, net: DeepseekForCausalLM):
+        super().__init__()
+        self.net = net
+        self.has_moe = any(layer.is_moe for layer in net.model.layers)
+
+    def construct(self, ids, positions, mask):
+        hidden, latents, routing = self.net.prefill(ids, positions, mask)
+        logits = self.net.head(hidden)
+        stacked = ops.stack(latents, 0)
+        if self.has_moe:
+            indices = []
+            weights = []
+            for r in routing:
+                indices.append(r[0])
+                weights.append(r[1])
+            return logits, stacked, ops.stack(indices, 0), ops.stack(weights, 0)
+        return logits, stacked
+
+
+class CachedStep(nn.Cell):
+    """Graph entry: S new tokens against the latent caches (decode when S == 1)."""
+
+    def __init__(self, net: DeepseekForCausalLM):
+        super().__init__()
+        self.net = net
+
+    def construct(self, ids, positions, past_mask, self_mask, *caches):
+        hidden, latents, _ = self.net.cached(ids, positions, past_mask, self_mask, caches)
+        return self.net.head(hidden), ops.stack(latents, 0)
+
+
+class MTPStep(nn.Cell):
+    """Graph entry: main-model prefill followed by the MTP module's prediction."""
+
+    def __init__(self, net: DeepseekForCausalLM, depth: int = 0):
+        super().__init__()
+        self.net = net
+        self.depth = depth
+
+    def construct(self, ids, positions, mask, mtp_positions, mtp_mask):
+        hidden, _, _ = self.net.prefill(ids, positions, mask)
+        return self.net.mtp_prefill(ids, hidden, mtp_positions, mtp_mask, self.depth)
