@@ -21,7 +21,7 @@ def save_ms_checkpoint(net, folder: str) -> str:
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(net.config.to_dict(), f, indent=2)
     path = os.path.join(folder, "model.ckpt")
-    ms.save_checkpoint(net, path)
+    ms.save_checkpoint([{"name": n, "data": p} for n, p in net.parameters_and_names()], path)
     logger.info("wrote %s", path)
     return path
 
@@ -43,4 +43,5 @@ def load_ms_checkpoint(net, path: str) -> None:
         if tuple(params[name].shape) != tuple(param.shape):
             raise CheckpointError(f"{path}: parameter '{name}' has shape {list(params[name].shape)}, "
                                   f"expected {list(param.shape)}")
-    ms.load_param_into_net(net, params, strict_load=True)
+    for name, param in expected.items():
+        param.set_data(params[name])

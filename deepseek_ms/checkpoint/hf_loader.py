@@ -120,6 +120,7 @@ def load_hf_weights(net, folder: str, progress: bool = True) -> None:
     """Validate the whole checkpoint against `net`, then stream every tensor into it."""
     import mindspore as ms
 
+    NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16}
     config: DeepseekConfig = net.config
     reader = CheckpointReader(folder)
     rules = weight_rules(net)
@@ -140,7 +141,7 @@ def load_hf_weights(net, folder: str, progress: bool = True) -> None:
                disable=not progress, leave=False)
     for name in bar:
         rule = rules[name]
-        target_dtype = ms.dtype_to_nptype(rule.param.dtype)
+        target_dtype = NP_DTYPES[rule.param.dtype]
         array = reader.read_dequantized(name, block_size=block, slice=rule.shard)
         if rule.row is not None:
             buf = stacked.get(id(rule.param))

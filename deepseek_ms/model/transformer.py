@@ -163,7 +163,7 @@ class PrefillStep(nn.Cell):
     MoE layers, the routing of every MoE layer ([n_moe,B*S,k] indices and weights)."""
 
     def __init__(self, net: DeepseekForCausalLM):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep parameter names identical to the network's
         self.net = net
         self.has_moe = any(layer.is_moe for layer in net.model.layers)
 
@@ -185,7 +185,7 @@ class CachedStep(nn.Cell):
     """Graph entry: S new tokens against the latent caches (decode when S == 1)."""
 
     def __init__(self, net: DeepseekForCausalLM):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.net = net
 
     def construct(self, ids, positions, past_mask, self_mask, *caches):
@@ -197,7 +197,7 @@ class MTPStep(nn.Cell):
     """Graph entry: main-model prefill followed by the MTP module's prediction."""
 
     def __init__(self, net: DeepseekForCausalLM, depth: int = 0):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.net = net
         self.depth = depth
 
