@@ -43,6 +43,10 @@ _IGNORED_HF_KEYS = frozenset({
     "suppress_tokens", "begin_suppress_tokens", "model_name",
 })
 
+_V2_ROUTER_DEFAULTS = {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False,
+                       "routed_scaling_factor": 1.0, "n_group": None, "topk_group": None,
+                       "num_nextn_predict_layers": 0}
+
 _ROPE_SCALING_KEYS = frozenset({
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
     "mscale", "mscale_all_dim", "attention_factor", "truncate",
@@ -153,6 +157,10 @@ class DeepseekConfig:
                 raise ConfigError(f"{source}: unknown config key '{key}'")
         if "model_type" not in raw:
             raise ConfigError(f"{source}: missing 'model_type' (expected one of {SUPPORTED_MODEL_TYPES})")
+        if raw["model_type"] == "deepseek_v2":
+            # a V2 config.json may omit router keys; fill them with V2's defaults, not V3's
+            for key, value in _V2_ROUTER_DEFAULTS.items():
+                kwargs.setdefault(key, value)
         if kwargs.get("rope_scaling") is not None:
             kwargs["rope_scaling"] = _parse_rope_scaling(kwargs["rope_scaling"], source)
         if kwargs.get("quantization_config") is not None:

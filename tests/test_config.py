@@ -96,3 +96,12 @@ def test_parallel_config():
         ParallelConfig.from_dict({"model_parallel": 0})
     with pytest.raises(ConfigError, match="'foo_parallel'"):
         ParallelConfig.from_dict({"foo_parallel": 2})
+
+
+def test_v2_config_without_router_keys_gets_v2_defaults():
+    raw = json.loads((CONFIGS / "deepseek_v2_lite.json").read_text())
+    for key in ("topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group"):
+        raw.pop(key)
+    cfg = DeepseekConfig.from_dict(raw)
+    assert (cfg.topk_method, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor) == \
+        ("greedy", "softmax", False, 1.0)

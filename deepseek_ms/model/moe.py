@@ -127,20 +127,43 @@ class RoutedExperts(nn.Cell):
 
     def construct(self, x, idx, weights):
         """x [N,H]; idx/weights [N,k] -> sum over chosen local experts of weight * expert(x)."""
+        N = x.shape[0]
+        # Shapes are static, so the strategy is fixed per compiled graph: few tokens (decode)
+        # read only the chosen experts' weights; many tokens (prefill) run every local expert.
+        if N * idx.shape[1] < self.n_local_experts:
+            return self._gathered(x, idx, weights)
+        return self._dense(x, idx, weights)
+
+    def _dense(self, x, idx, weights):
+        """Every local expert sees every token, weighted 0 where not chosen: one batched matmul
+        per projection, exact, and fast while expert counts are small."""
         N, H = x.shape
         dtype = x.dtype
         # combine[n, e]: weight of global expert e for token n (0 when not chosen)
         combine = (ops.one_hot(idx, self.n_routed_experts, ms.Tensor(1.0, ms.float32),
                                ms.Tensor(0.0, ms.float32)) * weights.expand_dims(-1)).sum(1)
         combine = combine[:, self.first_expert:self.first_expert + self.n_local_experts]
-        # Every local expert sees every token and unchosen ones are weighted 0: static shapes,
-        # one batched matmul per projection. Exact, and fast for the small expert counts a
-        # CPU runs; device kernels replace this with grouped matmuls over dispatched tokens.
         xb = ops.broadcast_to(x.expand_dims(0), (self.n_local_experts, N, H))
         g = self.bmm_t(xb, self.gate_proj.astype(dtype))
         u = self.bmm_t(xb, self.up_proj.astype(dtype))
         y = self.bmm_t(ops.silu(g) * u, self.down_proj.astype(dtype))               # [E,N,H]
         return (y * combine.transpose(1, 0).expand_dims(-1).astype(dtype)).sum(0)
+
+    def _gathered(self, x, idx, weights):
+        """Gather the k chosen experts' weights per token; experts owned by other
+        expert-parallel ranks contribute 0 here."""
+        N, H = x.shape
+        k = idx.shape[1]
+        dtype = x.dtype
+        local = idx - self.first_expert
+        owned = ops.logical_and(local >= 0, local < self.n_local_experts)
+        local = ops.select(owned, local, ops.zeros_like(local)).reshape(-1)
+        xr = ops.broadcast_to(x.expand_dims(1), (N, k, H)).reshape(N * k, 1, H)
+        g = self.bmm_t(xr, ops.gather(self.gate_proj, local, 0).astype(dtype))       # [Nk,1,I]
+        u = self.bmm_t(xr, ops.gather(self.up_proj, local, 0).astype(dtype))
+        y = self.bmm_t(ops.silu(g) * u, ops.gather(self.down_proj, local, 0).astype(dtype))  # [Nk,1,H]
+        w = (weights * owned.astype(weights.dtype)).reshape(N * k, 1, 1).astype(dtype)
+        return (y * w).reshape(N, k, H).sum(1)
 
 
 class MoE(nn.Cell):
