@@ -14,6 +14,11 @@ _LAZY = {
     "DeepseekConfig": "config", "ParallelConfig": "config", "ConfigError": "config",
     "CheckpointError": "checkpoint.safetensors_io",
     "load_yaml_config": "yaml_config",
+    "load_tokenizer": "tokenizer",
+    "LLM": "llm",
+    "SamplingParams": "engine.sampling",
+    "LLMEngine": "engine.llm_engine", "EngineConfig": "engine.llm_engine",
+    "AsyncLLMEngine": "engine.async_engine",
 }
 
 __all__ = sorted(_LAZY)

@@ -144,9 +144,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
-    loader.flatten_mapping(node)
+    # only the keys written in this mapping: a key that overrides one merged in by `<<: *anchor`
+    # is YAML's merge semantics, not a duplicate
     seen: Dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
@@ -157,6 +160,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
                 None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})",
                 key_node.start_mark)
         seen[key] = key_node.start_mark
+    loader.flatten_mapping(node)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 

@@ -204,3 +204,47 @@ class MTPStep(nn.Cell):
     def construct(self, ids, positions, mask, mtp_positions, mtp_mask):
         hidden, _, _ = self.net.prefill(ids, positions, mask)
         return self.net.mtp_prefill(ids, hidden, mtp_positions, mtp_mask, self.depth)
+
+
+def _select_rows(hidden, flat_index):
+    """hidden [B,S,H], flat_index [R] into B*S -> [R,H]: the positions whose logits are needed."""
+    B, S, H = hidden.shape
+    return ops.gather(hidden.reshape(B * S, H), flat_index, 0)
+
+
+class PagedPrefillStep(nn.Cell):
+    """Engine graph: a prompt chunk with no cached past (expanded MLA).
+
+    Returns logits and final hidden states at `logits_index` (flat indices into B*S) and
+    the latents [L,B,S,latent_dim] to store in the paged cache."""
+
+    def __init__(self, net: DeepseekForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, ids, positions, mask, logits_index):
+        hidden, latents, _ = self.net.prefill(ids, positions, mask)
+        rows = _select_rows(hidden, logits_index)
+        return self.net.head(rows), rows, ops.stack(latents, 0)
+
+
+class PagedCachedStep(nn.Cell):
+    """Engine graph: new tokens (decode, or a later prompt chunk) against the paged cache.
+
+    `pools` are the per-layer block pools [num_blocks, block_size, latent_dim], passed
+    zero-copy from host memory; `block_tables` [B,MB] picks each sequence's blocks in order,
+    so gathered position t is token position t."""
+
+    def __init__(self, net: DeepseekForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, ids, positions, logits_index, block_tables, past_mask, self_mask, *pools):
+        B, MB = block_tables.shape
+        caches = []
+        for pool in pools:
+            blocks = ops.gather(pool, block_tables, 0)                       # [B,MB,bs,D]
+            caches.append(blocks.reshape(B, MB * pool.shape[1], pool.shape[2]))
+        hidden, latents, _ = self.net.cached(ids, positions, past_mask, self_mask, caches)
+        rows = _select_rows(hidden, logits_index)
+        return self.net.head(rows), rows, ops.stack(latents, 0)

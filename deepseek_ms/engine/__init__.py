@@ -1,0 +1,1 @@
+"""Continuous-batching engine: paged latent cache bookkeeping, scheduling and the model runner."""

@@ -1,0 +1,200 @@
+"""The continuous-batching engine on the HF-parity fixture model: batch invariance,
+chunked prefill, prefix caching, preemption, cancellation, seeds and accounting."""
+import numpy as np
+import pytest
+
+from deepseek_ms.engine.llm_engine import EngineConfig, LLMEngine
+from deepseek_ms.engine.sampling import SamplingParams
+from helpers import fixture_dir, load_fixture_model
+
+NAME = "deepseek_v3_tiny"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _model():
+    return load_fixture_model(NAME)
+
+
+def _engine(**kwargs):
+    return LLMEngine(_model(), None, EngineConfig(**kwargs))
+
+
+def _run(engine, prompts, params=GREEDY, ids=None):
+    ids = ids or [f"r{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    final = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        steps += 1
+        assert steps < 10000
+    return [final[i].token_ids for i in ids]
+
+
+def _prompts(n, seed=0, lo=3, hi=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 512, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    """A 37-token prompt and its greedy continuation from the plain (non-engine) model API."""
+    prompt = _prompts(1, seed=42, lo=37, hi=38)[0]
+    ref = _model().generate(np.array([prompt]), max_new_tokens=GREEDY.max_tokens)[0, len(prompt):].tolist()
+    return prompt, ref
+
+
+def test_alone_matches_plain_generate(target):
+    prompt, ref = target
+    assert _run(_engine(), [prompt]) == [ref]
+
+
+def test_among_seven_others_of_different_lengths(target):
+    prompt, ref = target
+    others = _prompts(7, seed=1)
+    out = _run(_engine(max_num_seqs=8), others[:3] + [prompt] + others[3:])
+    assert out[3] == ref
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_chunked_prefill_on_and_off(target, chunked):
+    prompt, ref = target
+    engine = _engine(max_num_batched_tokens=16, enable_chunked_prefill=chunked)
+    out = _run(engine, _prompts(3, seed=2) + [prompt])
+    assert out[-1] == ref
+
+
+def test_prefix_cache_hit_and_miss(target):
+    prompt, ref = target
+    engine = _engine(block_size=8)
+    assert _run(engine, [prompt], ids=["miss"]) == [ref]
+    engine.add_request("hit", prompt, GREEDY)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert outs[0].token_ids == ref
+    assert outs[0].metrics.num_cached_prompt_tokens == (len(prompt) // 8) * 8
+    # a different continuation of a shared prefix still matches its own reference
+    other = prompt[:24] + [5, 6, 7]
+    ref_other = _model().generate(np.array([other]), max_new_tokens=GREEDY.max_tokens)[0, len(other):].tolist()
+    assert _run(engine, [other], ids=["shared"]) == [ref_other]
+
+
+def test_preemption_recomputes_and_matches(target):
+    prompt, ref = target
+    # 14 usable blocks of 8 tokens cannot hold four 37+12-token sequences at once
+    engine = _engine(block_size=8, num_blocks=15, max_num_seqs=4)
+    out = _run(engine, [prompt] + _prompts(3, seed=3, lo=30, hi=40))
+    assert engine.scheduler.num_preemptions > 0
+    assert out[0] == ref
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_allocatable_blocks
+
+
+def test_seed_gives_same_output_whatever_the_batch():
+    prompt = _prompts(1, seed=5)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = _run(_engine(), [prompt], params)[0]
+    engine = _engine()
+    others = _prompts(5, seed=6)
+    mixed_params = [SamplingParams(temperature=0.7, seed=i, max_tokens=8, ignore_eos=True) for i in range(5)]
+    for i, p in enumerate(others):
+        engine.add_request(f"o{i}", p, mixed_params[i])
+    assert _run(engine, [prompt], params, ids=["target"])[0] == alone
+
+
+def test_logprobs_match_model_logits(target):
+    prompt, ref = target
+    engine = _engine()
+    engine.add_request("lp", prompt, SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True))
+    entries = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            entries += out.logprobs
+    logits = _model().logits(np.array([prompt + ref[:3]]))[0, len(prompt) - 1:]
+    logsoftmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    assert len(entries) == 4
+    for step, (token, logprob, top) in enumerate(entries):
+        assert token == ref[step]
+        assert logprob == pytest.approx(logsoftmax[step, token], abs=1e-4)
+        assert [t for t, _ in top][0] == token and len(top) == 3
+
+
+def test_max_tokens_stop_token_ids_and_min_tokens(target):
+    prompt, ref = target
+    engine = _engine()
+    stop_tok = ref[4]
+    engine.add_request("a", prompt, SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_tok],
+                                                   ignore_eos=True))
+    engine.add_request("b", prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finals["a"].token_ids == ref[:5] and finals["a"].finish_reason == "stop"
+    assert finals["b"].token_ids == ref[:3] and finals["b"].finish_reason == "length"
+
+
+def test_cancellation_frees_blocks_at_once(target):
+    prompt, _ = target
+    engine = _engine()
+    engine.add_request("x", prompt, GREEDY)
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    assert engine.abort("x")
+    assert engine.block_manager.num_used_blocks == 0
+    outs = engine.step()
+    assert outs[0].finished and outs[0].finish_reason == "abort"
+    assert not engine.has_unfinished_requests()
+
+
+def test_cache_accounting():
+    engine = _engine()
+    cfg = _model().config
+    assert engine.cache_bytes_per_token == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    stats = engine.stats()
+    assert stats["cache_usage"] == 0 and stats["cache_blocks_free"] == stats["cache_blocks_total"]
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ([], "empty"),
+    ([0, 1, 10 ** 6], "outside the vocabulary"),
+    (list(range(10)) * 30, "context length"),
+])
+def test_bad_requests_are_refused_clearly(prompt, match):
+    engine = _engine(max_model_len=256)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(None, prompt, GREEDY)
+    assert not engine.has_unfinished_requests()
+
+
+def test_soak_1000_random_requests_with_cancellations():
+    rng = np.random.default_rng(7)
+    engine = _engine(block_size=8, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64)
+    shared = [rng.integers(0, 512, 16).tolist() for _ in range(4)]
+    submitted = finished = aborted = 0
+    live = set()
+    while submitted < 1000 or engine.has_unfinished_requests():
+        while submitted < 1000 and len(live) < 24:
+            prefix = shared[rng.integers(0, 4)] if rng.random() < 0.5 else []
+            prompt = prefix + rng.integers(0, 512, rng.integers(1, 20)).tolist()
+            params = SamplingParams(temperature=float(rng.choice([0.0, 1.0])), max_tokens=int(rng.integers(1, 6)),
+                                    seed=int(submitted), ignore_eos=True)
+            rid = f"s{submitted}"
+            engine.add_request(rid, prompt, params)
+            live.add(rid)
+            submitted += 1
+        if live and rng.random() < 0.15:
+            victim = sorted(live)[rng.integers(0, len(live))]
+            if engine.abort(victim):
+                aborted += 1
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                finished += 1
+        engine.block_manager.check_invariants()
+    assert finished == 1000 and aborted > 50
+    bm = engine.block_manager
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_allocatable_blocks
