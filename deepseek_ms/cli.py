@@ -31,11 +31,53 @@ def _parse_ids(text: str) -> List[int]:
 def cmd_generate(args) -> int:
     import numpy as np
 
+    if args.prompt is not None:
+        from .engine.sampling import SamplingParams
+        from .llm import LLM
+        llm = LLM(args.model)
+        if llm.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer files; use --prompt-ids")
+        out = llm.generate(args.prompt, SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens,
+                                                       seed=args.seed))[0]
+        print(out.text)
+        return 0
     from .api import load_model
     model = load_model(args.model)
     ids = model.generate(np.array([args.prompt_ids], dtype=np.int64), max_new_tokens=args.max_new_tokens,
                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0, seed=args.seed)
     print(",".join(str(int(t)) for t in ids[0]))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat: each reply streams as it is generated; an empty line or EOF quits."""
+    from .engine.sampling import SamplingParams
+    from .llm import LLM
+    llm = LLM(args.model)
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        raise ValueError(f"{args.model} has no tokenizer with a chat template")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    engine = llm.engine
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        engine.add_request("chat", list(prompt), SamplingParams(temperature=args.temperature,
+                                                                max_tokens=args.max_new_tokens))
+        reply = []
+        sys.stdout.write("assistant> ")
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+                reply.append(out.delta_text)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
 
 
@@ -76,11 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="greedy/sampled generation from prompt token ids")
     g.add_argument("--model", required=True, help="HF folder, converted folder or predict YAML")
-    g.add_argument("--prompt-ids", required=True, type=_parse_ids, help="e.g. 0,17,234")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", type=_parse_ids, help="token ids, e.g. 0,17,234 (prints ids)")
+    src.add_argument("--prompt", help="text (needs tokenizer files in the model folder; prints text)")
     g.add_argument("--max-new-tokens", type=int, default=20)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive streaming chat (needs a tokenizer with a chat template)")
+    ch.add_argument("--model", required=True)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="write a model as a MindSpore checkpoint and verify it")
     c.add_argument("--model", required=True)

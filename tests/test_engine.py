@@ -198,3 +198,115 @@ def test_soak_1000_random_requests_with_cancellations():
     assert finished == 1000 and aborted > 50
     bm = engine.block_manager
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_allocatable_blocks
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def text_model_folder(tmp_path_factory):
+    """The fixture model plus a byte-fallback sentencepiece tokenizer of the model's 512-token
+    vocabulary and a chat template: random weights, but real text in and out."""
+    import json
+    import shutil
+
+    import sentencepiece
+
+    from test_tokenizer import LLAMA_CONFIG, SP_CORPUS
+
+    folder = tmp_path_factory.mktemp("text_model")
+    for f in fixture_dir(NAME).iterdir():
+        if f.name != "golden.npz":
+            shutil.copy(f, folder / f.name)
+    words = " ".join(f"w{i}x{i * 7 % 13}" for i in range(400))  # enough distinct pieces for 512 ids
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS.splitlines() + [words] * 3), model_prefix=str(folder / "tokenizer"),
+        vocab_size=512, model_type="bpe", byte_fallback=True, minloglevel=2)
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(LLAMA_CONFIG, chat_template=CHAT_TEMPLATE)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_engine(text_model_folder):
+    from deepseek_ms.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(text_model_folder))
+    assert len(tok) == _model().config.vocab_size
+    return LLMEngine(_model(), tok, EngineConfig())
+
+
+def _stream(engine, prompt, params):
+    engine.add_request("t", prompt, params)
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.delta_text)
+            final = out
+    return deltas, final
+
+
+def test_text_prompt_stream_and_stop_strings(text_engine):
+    params = dict(temperature=0.0, max_tokens=24, ignore_eos=True, skip_special_tokens=True)
+    deltas, full = _stream(text_engine, "Hello world", SamplingParams(**params))
+    assert "".join(deltas) == full.text == text_engine.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    text = full.text
+    assert len(text) > 8, text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    deltas, out = _stream(text_engine, "Hello world", SamplingParams(stop=[stop], **params))
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+    assert "".join(deltas) == out.text  # nothing of the stop string leaked into the stream
+
+
+def test_cli_generate_text_and_chat(text_model_folder, text_engine, capsys, monkeypatch):
+    import io
+
+    from deepseek_ms.cli import main
+
+    _, expected = _stream(text_engine, "Hello world", SamplingParams(temperature=0.0, max_tokens=8))
+    assert main(["generate", "--model", str(text_model_folder), "--prompt", "Hello world", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").endswith(expected.text)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\nAnd again\n\n"))
+    assert main(["chat", "--model", str(text_model_folder), "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and out.count("you> ") == 3
+
+
+def test_async_streams_match_and_cancel_frees_blocks(target):
+    import asyncio
+
+    from deepseek_ms.engine.async_engine import AsyncLLMEngine
+
+    prompt, ref = target
+    engine = AsyncLLMEngine(_engine())
+
+    async def collect(p):
+        tokens = []
+        async for out in engine.generate(p, GREEDY):
+            tokens += out.new_token_ids
+        return tokens
+
+    async def cancel_early(p):
+        async for out in engine.generate(p, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)):
+            if len(out.token_ids) >= 2:
+                break  # the consumer goes away: the request must be aborted
+
+    async def main():
+        results = await asyncio.gather(collect(prompt), *[collect(p) for p in _prompts(3, seed=9)],
+                                       cancel_early(prompt))
+        return results
+
+    try:
+        results = asyncio.run(main())
+        assert results[0] == ref
+        for _ in range(100):
+            if not engine.engine.has_unfinished_requests():
+                break
+            import time
+            time.sleep(0.05)
+        bm = engine.engine.block_manager
+        assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_allocatable_blocks
+    finally:
+        engine.shutdown()
