@@ -27,6 +27,7 @@ Chat templates are rendered with a sandboxed Jinja environment configured like
 transformers' (see `render_chat_template`). Runtime code never imports
 transformers.
 """
+import abc
 import datetime
 import functools
 import json
@@ -330,7 +331,7 @@ def _tag_final_message(messages):
 # --------------------------------------------------------------------------------------
 # common interface
 # --------------------------------------------------------------------------------------
-class BaseTokenizer:
+class BaseTokenizer(abc.ABC):
     """What the engine and the servers use; see the module docstring."""
 
     def __init__(self, folder, config):
@@ -388,19 +389,23 @@ class BaseTokenizer:
 
     # vocabulary -----------------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def vocab_size(self):
         """Size of the base vocabulary, without added tokens (as in transformers)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def __len__(self):
         """Size of the full vocabulary, added tokens included."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _id_to_token(self, token_id):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _token_to_id(self, token):
-        raise NotImplementedError
+        ...
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
         """Token strings for an id (-> str, None if out of range) or a list of ids."""
@@ -425,8 +430,9 @@ class BaseTokenizer:
         return token_id
 
     # text -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def encode(self, text, add_special_tokens=True):
-        raise NotImplementedError
+        ...
 
     def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
         """Text for `ids` (an int, or any iterable of ints such as a list or a numpy array)."""
@@ -439,8 +445,9 @@ class BaseTokenizer:
                 text = text.replace(old, new)
         return text
 
+    @abc.abstractmethod
     def _decode(self, ids, skip_special_tokens):
-        raise NotImplementedError
+        ...
 
     def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None):
         return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
