@@ -65,7 +65,7 @@ def weight_rules(net) -> Dict[str, WeightRule]:
     for cell_name, cell in net.cells_and_names():
         if isinstance(cell, Linear):
             rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(
-                cell.weight, cell.expected_hf_shape(), cell.shard_of(cell.expected_hf_shape()))
+                cell.weight, cell.expected_hf_shape(), cell.shard_of())
             owned.add(id(cell.weight))
         elif isinstance(cell, Router):
             rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(cell.weight, tuple(cell.weight.shape),

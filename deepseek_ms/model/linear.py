@@ -13,7 +13,7 @@ of an HF tensor is a contiguous row or column range that can be read lazily.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 from mindspore import Parameter, nn, ops
@@ -84,7 +84,7 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (self.local_out,))
 
     # ---- checkpoint seam ----
-    def shard_of(self, full_shape: Tuple[int, int]):
+    def shard_of(self):
         """(axis, start, stop) of this rank's slice of the [out, in] HF tensor, or None."""
         if self.tp.size == 1 or self.role == "replicated":
             return None
