@@ -43,16 +43,13 @@ def _as_ids(input_ids, vocab_size: int) -> np.ndarray:
 
 class CausalLM:
     def __init__(self, config: DeepseekConfig, max_seq_len: int = 4096,
-                 parallel: Optional[ParallelConfig] = None, device_target: Optional[str] = None,
-                 compile_cache_dir: Optional[str] = None):
+                 parallel: Optional[ParallelConfig] = None, device_target: Optional[str] = None):
         import mindspore as ms
 
-        from .backend import check_compute_dtype, enable_compile_cache, init_device, ms_dtype
+        from .backend import check_compute_dtype, init_device, ms_dtype
         from .model.transformer import CachedStep, DeepseekForCausalLM, PrefillStep
 
         self.device_target = init_device(device_target)
-        if compile_cache_dir:
-            enable_compile_cache(compile_cache_dir)
         check_compute_dtype(config.compute_dtype)
         self.config = config
         self.parallel = parallel or ParallelConfig()
@@ -207,11 +204,9 @@ class CausalLM:
 
 def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]] = None,
                max_seq_len: Optional[int] = None, device_target: Optional[str] = None,
-               overrides: Optional[Dict[str, Any]] = None, progress: bool = True,
-               compile_cache_dir: Optional[str] = None) -> CausalLM:
+               overrides: Optional[Dict[str, Any]] = None, progress: bool = True) -> CausalLM:
     """Load a model from an HF folder (config.json + safetensors, FP8 included), a folder
-    written by `deepseek-ms convert` (config.json + model.ckpt), or a predict YAML.
-    `compile_cache_dir` keeps compiled graphs on disk across restarts."""
+    written by `deepseek-ms convert` (config.json + model.ckpt), or a predict YAML."""
     from .checkpoint.hf_loader import load_hf_weights
 
     if os.path.isfile(path) and path.endswith((".yaml", ".yml")):
@@ -233,7 +228,7 @@ def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]]
     if isinstance(parallel_config, dict):
         parallel_config = ParallelConfig.from_dict(parallel_config)
     model = CausalLM(config, max_seq_len or min(config.max_position_embeddings, 4096), parallel_config,
-                     device_target, compile_cache_dir)
+                     device_target)
     ckpt = os.path.join(folder, "model.ckpt")
     if os.path.isfile(ckpt):
         from .checkpoint.convert import load_ms_checkpoint

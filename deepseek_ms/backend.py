@@ -7,7 +7,6 @@ parallelism use. Model code calls these helpers and never branches on the device
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import mindspore as ms
@@ -29,13 +28,6 @@ def init_device(device_target: Optional[str] = None) -> str:
     if ms.get_context("device_target") != target:
         ms.set_device(target)
     return target
-
-
-def enable_compile_cache(path: str) -> None:
-    """Keep compiled graphs on disk so a restarted process skips compilation (seconds per
-    graph shape). MindSpore keys entries on the source files they depend on."""
-    os.makedirs(path, exist_ok=True)
-    ms.set_context(enable_compile_cache=True, compile_cache_path=path)
 
 
 def device_target() -> str:

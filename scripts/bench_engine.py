@@ -42,7 +42,6 @@ $DEEPSEEK_MS_HF_PYTHON, else /tmp/envs/ref311/bin/python), a venv with torch + t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -238,18 +237,11 @@ def workload(quick: bool) -> Dict[str, int]:
 
 class DSBench:
     def __init__(self, folder: str, wl: Dict[str, int], agg64_seqs: int, max_model_len: int,
-                 cache_bytes: int, compile_cache: Optional[str] = None):
-        import inspect
-
+                 cache_bytes: int):
         import deepseek_ms
 
-        kwargs: Dict[str, Any] = {"progress": False}
-        self.compile_cache = None
-        if compile_cache and "compile_cache_dir" in inspect.signature(deepseek_ms.load_model).parameters:
-            os.makedirs(compile_cache, exist_ok=True)
-            kwargs["compile_cache_dir"] = self.compile_cache = compile_cache
         t0 = time.perf_counter()
-        self.model = deepseek_ms.load_model(folder, **kwargs)
+        self.model = deepseek_ms.load_model(folder, progress=False)
         self.load_s = time.perf_counter() - t0
         self.wl = wl
         self.vocab = self.model.config.vocab_size
@@ -611,9 +603,6 @@ def parse_args(argv=None):
     ap.add_argument("--hf-dtypes", default="fp32,bf16", help="HF dtypes to run (fp32,bf16)")
     ap.add_argument("--cache-dir", default=os.path.join(REPO, ".cache", "bench_model"),
                     help="where the benchmark model is written / reused")
-    ap.add_argument("--compile-cache", default=os.path.join(REPO, ".cache", "bench_compile"),
-                    help="MindSpore on-disk compile cache for the deepseek-ms side ('' = off); used when "
-                         "load_model accepts compile_cache_dir")
     ap.add_argument("--seed", type=int, default=1234, help="weight seed")
     ap.add_argument("--quiet-wait", type=float, default=30.0, help="max seconds to wait for a quiet CPU per run")
     ap.add_argument("--agg64-seqs", type=int, default=64, help="engine max_num_seqs for the 64-request run")
@@ -677,12 +666,9 @@ def main(argv=None) -> int:
     if not args.skip_ds:
         try:
             logger.info("loading the deepseek-ms model")
-            ds = DSBench(args.cache_dir, wl, args.agg64_seqs, args.max_model_len, args.cache_mib * 2 ** 20,
-                         args.compile_cache or None)
-            logger.info("deepseek-ms model loaded in %.1f s (compile cache: %s)", ds.load_s,
-                        ds.compile_cache or "off")
+            ds = DSBench(args.cache_dir, wl, args.agg64_seqs, args.max_model_len, args.cache_mib * 2 ** 20)
+            logger.info("deepseek-ms model loaded in %.1f s", ds.load_s)
             result["ds_load_s"] = ds.load_s
-            result["ds_compile_cache"] = ds.compile_cache
         except Exception as e:  # noqa: BLE001
             logger.exception("deepseek-ms load failed")
             ds_status = f"not run: load failed: {type(e).__name__}: {e}"

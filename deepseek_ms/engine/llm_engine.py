@@ -57,8 +57,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len,
-                                  config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len, config.max_num_seqs)
         self.sampler = Sampler()
         self.eos_token_id = self._eos_token_id()
         self._ids = itertools.count()
@@ -162,23 +161,23 @@ class LLMEngine:
         rows: List[np.ndarray] = []
         for chunk in plan.prefills:
             request = chunk.request
-            result = self.runner.prefill_chunk(chunk.token_ids, chunk.start,
+            logits = self.runner.prefill_chunk(chunk.token_ids, chunk.start,
                                                self.block_manager.block_table(request.request_id))
             request.num_computed_tokens += len(chunk.token_ids)
             self.block_manager.mark_computed(request.request_id, request.all_token_ids, request.num_computed_tokens)
             if chunk.completes_prompt:
                 to_sample.append(request)
-                rows.append(result.logits[0])
+                rows.append(logits[0])
         if plan.decodes:
             items = [DecodeItem(r.all_token_ids[-1], r.num_tokens - 1, self.block_manager.block_table(r.request_id))
                      for r in plan.decodes]
-            result = self.runner.decode(items)
+            logits = self.runner.decode(items)
             for i, request in enumerate(plan.decodes):
                 request.num_computed_tokens += 1
                 self.block_manager.mark_computed(request.request_id, request.all_token_ids,
                                                  request.num_computed_tokens)
                 to_sample.append(request)
-                rows.append(result.logits[i])
+                rows.append(logits[i])
         if to_sample:
             sampled = self.sampler.sample(np.stack(rows), [r.sampling_state for r in to_sample])
             now = time.monotonic()

@@ -4,13 +4,13 @@ The cache is one numpy pool per layer, [num_blocks, block_size, latent_dim], wra
 as zero-copy MindSpore inputs. Graphs only read it (each step gathers the blocks of its
 sequences); the host writes the latent rows a step returns into their slots. Shapes are
 static per graph, so batch sizes, chunk lengths and block-table widths are rounded up to
-powers of two and each combination compiles once (and is cached on disk across restarts).
+powers of two and each combination compiles once per process.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -33,26 +33,16 @@ class DecodeItem:
     block_table: List[int]
 
 
-@dataclass
-class StepResult:
-    logits: np.ndarray     # [R,V] float32
-    hidden: np.ndarray     # [R,H] final hidden states of the same rows (MTP drafts use them)
-
-
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int, max_chunk_tokens: int):
+                 max_num_seqs: int):
         import mindspore as ms
 
         cfg = model.config
         self.model = model
-        self.config = cfg
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.max_num_seqs = max_num_seqs
-        self.max_chunk_tokens = max_chunk_tokens
         self.pools = [np.zeros((num_blocks, block_size, cfg.latent_dim), dtype=np.float32)
                       for _ in range(cfg.num_hidden_layers)]
         self._pool_inputs = [ms.Tensor.from_numpy(p) for p in self.pools]
@@ -87,9 +77,9 @@ class ModelRunner:
             out[i, :n] = table[:n]
         return out
 
-    def prefill_chunk(self, token_ids: Sequence[int], start: int, block_table: Sequence[int]) -> StepResult:
+    def prefill_chunk(self, token_ids: Sequence[int], start: int, block_table: Sequence[int]) -> np.ndarray:
         """Compute tokens [start, start+n) of one sequence whose tokens [0, start) are cached;
-        returns logits/hidden of the chunk's last token."""
+        returns the logits [1,V] of the chunk's last token."""
         n = len(token_ids)
         chunk = next_pow2(n, MIN_CHUNK)
         T = self._T
@@ -98,26 +88,22 @@ class ModelRunner:
         positions = np.minimum(start + np.arange(chunk, dtype=np.int32), self.model.max_seq_len - 1)[None, :]
         last = np.array([n - 1], dtype=np.int32)
         if start == 0:
-            logits, hidden, latents = self._prefill(T(ids), T(positions), T(causal_mask(1, chunk)), T(last))
+            logits, latents = self._prefill(T(ids), T(positions), T(causal_mask(1, chunk)), T(last))
         else:
             width = self._width(-(-start // self.block_size))
             tables = self._block_table_array([block_table], 1, width)
             past = np.full((1, chunk, width * self.block_size), MASKED, dtype=np.float32)
             past[:, :, :start] = 0
-            logits, hidden, latents = self._cached(T(ids), T(positions), T(last), T(tables), T(past),
-                                                   T(causal_mask(1, chunk)), *self._pool_inputs)
+            logits, latents = self._cached(T(ids), T(positions), T(last), T(tables), T(past),
+                                           T(causal_mask(1, chunk)), *self._pool_inputs)
         logits = logits.asnumpy()  # logits first: reading another output first stalls the CPU runtime
-        hidden = hidden.asnumpy()
-        latents = latents.asnumpy()
-        self._write(latents, [0] * n, start + np.arange(n), [block_table] * n, list(range(n)))
-        return StepResult(logits, hidden)
+        self._write(latents.asnumpy(), [0] * n, start + np.arange(n), [block_table] * n, list(range(n)))
+        return logits
 
-    def decode(self, items: Sequence[DecodeItem]) -> StepResult:
-        """One new token per sequence; returns logits/hidden rows in the order of `items`."""
+    def decode(self, items: Sequence[DecodeItem]) -> np.ndarray:
+        """One new token per sequence; returns logits [B,V] in the order of `items`."""
         B = len(items)
-        batch = min(next_pow2(B), next_pow2(self.max_num_seqs))
-        if batch < B:
-            batch = B
+        batch = max(min(next_pow2(B), next_pow2(self.max_num_seqs)), B)
         longest = max(it.position for it in items)
         width = self._width(-(-longest // self.block_size))
         T = self._T
@@ -131,10 +117,8 @@ class ModelRunner:
         tables = self._block_table_array([it.block_table for it in items], batch, width)
         index = np.arange(batch, dtype=np.int32)
         self_mask = np.zeros((batch, 1, 1), dtype=np.float32)
-        logits, hidden, latents = self._cached(T(ids), T(positions), T(index), T(tables), T(past), T(self_mask),
-                                               *self._pool_inputs)
+        logits, latents = self._cached(T(ids), T(positions), T(index), T(tables), T(past), T(self_mask),
+                                       *self._pool_inputs)
         logits = logits.asnumpy()[:B]
-        hidden = hidden.asnumpy()[:B]
-        latents = latents.asnumpy()
-        self._write(latents, list(range(B)), positions[:B, 0], [it.block_table for it in items], [0] * B)
-        return StepResult(logits, hidden)
+        self._write(latents.asnumpy(), list(range(B)), positions[:B, 0], [it.block_table for it in items], [0] * B)
+        return logits

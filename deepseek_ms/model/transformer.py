@@ -215,8 +215,8 @@ def _select_rows(hidden, flat_index):
 class PagedPrefillStep(nn.Cell):
     """Engine graph: a prompt chunk with no cached past (expanded MLA).
 
-    Returns logits and final hidden states at `logits_index` (flat indices into B*S) and
-    the latents [L,B,S,latent_dim] to store in the paged cache."""
+    Returns the logits at `logits_index` (flat indices into B*S) and the latents
+    [L,B,S,latent_dim] to store in the paged cache."""
 
     def __init__(self, net: DeepseekForCausalLM):
         super().__init__(auto_prefix=False)
@@ -224,8 +224,7 @@ class PagedPrefillStep(nn.Cell):
 
     def construct(self, ids, positions, mask, logits_index):
         hidden, latents, _ = self.net.prefill(ids, positions, mask)
-        rows = _select_rows(hidden, logits_index)
-        return self.net.head(rows), rows, ops.stack(latents, 0)
+        return self.net.head(_select_rows(hidden, logits_index)), ops.stack(latents, 0)
 
 
 class PagedCachedStep(nn.Cell):
@@ -246,5 +245,4 @@ class PagedCachedStep(nn.Cell):
             blocks = ops.gather(pool, block_tables, 0)                       # [B,MB,bs,D]
             caches.append(blocks.reshape(B, MB * pool.shape[1], pool.shape[2]))
         hidden, latents, _ = self.net.cached(ids, positions, past_mask, self_mask, caches)
-        rows = _select_rows(hidden, logits_index)
-        return self.net.head(rows), rows, ops.stack(latents, 0)
+        return self.net.head(_select_rows(hidden, logits_index)), ops.stack(latents, 0)
