@@ -52,12 +52,15 @@ class CausalLM:
         self.device_target = init_device(device_target)
         check_compute_dtype(config.compute_dtype)
         self.config = config
+        from .parallel.layout import init_parallel
+        from .parallel.runtime import DataParallelRows
+
         self.parallel = parallel or ParallelConfig()
-        if self.parallel.world_size != 1 or self.parallel.expert_parallel != 1:
-            raise ConfigError("parallel_config: multi-rank layouts need msrun and the parallel runtime; "
-                              f"got {self.parallel}")
+        self.layout = init_parallel(self.parallel)
+        self._dp = DataParallelRows(self.layout.dp)  # the identity unless data_parallel > 1
         self.max_seq_len = int(min(max_seq_len, config.max_position_embeddings))
-        self.net = DeepseekForCausalLM(config, self.max_seq_len, param_dtype=ms_dtype(config.param_dtype),
+        self.net = DeepseekForCausalLM(config, self.max_seq_len, self.layout.tp, self.layout.experts,
+                                       param_dtype=ms_dtype(config.param_dtype),
                                        compute_dtype=ms_dtype(config.compute_dtype))
         self.net.set_train(False)
         self._ms = ms
@@ -79,14 +82,24 @@ class CausalLM:
             raise ValueError(f"sequence of {total} tokens exceeds max_seq_len {self.max_seq_len}")
 
     def _run_prefill(self, ids: np.ndarray):
-        """(logits [B,S,V], latents [L,B,S,D], routing indices, routing weights) as numpy."""
+        """(logits [B,S,V], latents [L,B,S,D], routing indices, routing weights) as numpy.
+
+        With data parallelism the latents are this rank's rows only; the rest is gathered."""
         B, S = ids.shape
         self._check_len(S)
+        ids = self._dp.local(ids)
         T = self._ms.Tensor
-        positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
-        outs = self._prefill(T(ids), T(positions), T(causal_mask(B, S)))
+        positions = np.broadcast_to(np.arange(S, dtype=np.int32), (ids.shape[0], S)).copy()
+        outs = self._prefill(T(ids), T(positions), T(causal_mask(ids.shape[0], S)))
         # read logits before the other outputs (reading a later output first stalls the CPU runtime)
-        return [o.asnumpy() for o in outs]
+        outs = [o.asnumpy() for o in outs]
+        if self._dp.size > 1:
+            outs[0] = self._dp.gather(outs[0], B)
+            for i in (2, 3)[:len(outs) - 2]:  # routing [n_moe, rows*S, k]
+                n_moe, _, k = outs[i].shape
+                rows = outs[i].reshape(n_moe, -1, S, k)
+                outs[i] = self._dp.gather(rows, B, axis=1).reshape(n_moe, B * S, k)
+        return outs
 
     # ---- public API ----
     def logits(self, input_ids) -> np.ndarray:
@@ -117,9 +130,11 @@ class CausalLM:
             self._mtp[depth] = self._ms.jit(MTPStep(self.net, depth))
         T = self._ms.Tensor
         pos = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
-        out = self._mtp[depth](T(ids), T(pos), T(causal_mask(B, S)), T(pos[:, :-1].copy()),
-                               T(causal_mask(B, S - 1)))
-        return out.asnumpy()
+        ids, pos = self._dp.local(ids), self._dp.local(pos)
+        rows = ids.shape[0]
+        out = self._mtp[depth](T(ids), T(pos), T(causal_mask(rows, S)), T(pos[:, :-1].copy()),
+                               T(causal_mask(rows, S - 1)))
+        return self._dp.gather(out.asnumpy(), B)
 
     def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
@@ -145,7 +160,8 @@ class CausalLM:
         cfg = self.config
 
         logits, latents = self._run_prefill(ids)[:2]
-        caches = [np.zeros((B, capacity, cfg.latent_dim), dtype=np.float32)
+        rows = latents.shape[1]  # this data-parallel rank's rows (all B without data parallelism)
+        caches = [np.zeros((rows, capacity, cfg.latent_dim), dtype=np.float32)
                   for _ in range(cfg.num_hidden_layers)]
         for layer, cache in enumerate(caches):
             cache[:, :S] = latents[layer]
@@ -155,8 +171,8 @@ class CausalLM:
         chosen_logits = []
         step_logits = logits[:, -1]
         finished = np.zeros(B, dtype=bool)
-        past_mask = np.full((B, 1, capacity), MASKED, dtype=np.float32)
-        self_mask = np.zeros((B, 1, 1), dtype=np.float32)
+        past_mask = np.full((rows, 1, capacity), MASKED, dtype=np.float32)
+        self_mask = np.zeros((rows, 1, 1), dtype=np.float32)
         for step in range(max_new_tokens):
             chosen_logits.append(step_logits)
             tok = self._select(step_logits, do_sample, temperature, top_k, top_p, rng)
@@ -168,10 +184,10 @@ class CausalLM:
                 break
             cur = S + step
             past_mask[:, :, :cur] = 0
-            positions = np.full((B, 1), cur, dtype=np.int32)
-            lg, new_rows = self._cached(T(tok[:, None].astype(np.int32)), T(positions), T(past_mask),
-                                        T(self_mask), *cache_inputs)
-            step_logits = lg.asnumpy()[:, -1]
+            positions = np.full((rows, 1), cur, dtype=np.int32)
+            lg, new_rows = self._cached(T(self._dp.local(tok[:, None].astype(np.int32))), T(positions),
+                                        T(past_mask), T(self_mask), *cache_inputs)
+            step_logits = self._dp.gather(lg.asnumpy()[:, -1], B)
             new_rows = new_rows.asnumpy()
             for layer, cache in enumerate(caches):
                 cache[:, cur] = new_rows[layer][:, 0]
@@ -214,7 +230,8 @@ def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]]
         run = load_yaml_config(path)
         config = run.model
         folder = run.load_checkpoint or run.pretrained_model_dir
-        parallel_config = parallel_config or run.parallel
+        # as in mindformers, parallel_config applies only with use_parallel: True
+        parallel_config = parallel_config or (run.parallel if run.use_parallel else None)
         device_target = device_target or run.context.get("device_target")
         if overrides:
             config = config.replace(**overrides)

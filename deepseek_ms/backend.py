@@ -41,6 +41,12 @@ def check_compute_dtype(dtype_name: str) -> None:
                          "use 'float32'")
 
 
+def comm_group(group: Optional[str]) -> str:
+    """A group name for MindSpore's collectives; None is the world group."""
+    from mindspore.communication import GlobalComm
+    return group or GlobalComm.WORLD_COMM_GROUP
+
+
 class AllReduce(nn.Cell):
     """Sum over a communication group; the identity for a group of one rank.
 
@@ -51,9 +57,36 @@ class AllReduce(nn.Cell):
     def __init__(self, group: Optional[str] = None, group_size: int = 1):
         super().__init__()
         self.group_size = group_size
-        self.op = ops.AllReduce(ops.ReduceOp.SUM, group) if group_size > 1 else None
+        self.op = ops.AllReduce(ops.ReduceOp.SUM, comm_group(group)) if group_size > 1 else None
 
     def construct(self, x):
         if self.group_size > 1:
             return self.op(x)
         return x
+
+
+class AllGather(nn.Cell):
+    """Concatenate each rank's x [n,...] along axis 0 into [group_size*n,...], in rank order.
+
+    MindSpore's CPU AllGather only runs on the world group, so on CPU every rank places its
+    block into zeros at its own offset and the group sums them (AllReduce moves the same
+    bytes per rank as a ring all-gather of the full result). Ascend/GPU use AllGather.
+    """
+
+    def __init__(self, group: Optional[str] = None, group_size: int = 1, rank: int = 0):
+        super().__init__()
+        self.group_size = group_size
+        self.via_sum = device_target() == "CPU" and group is not None
+        if group_size > 1 and self.via_sum:
+            self.op = ops.AllReduce(ops.ReduceOp.SUM, comm_group(group))
+            self.slot = ms.Tensor([1.0 if r == rank else 0.0 for r in range(group_size)], ms.float32)
+        elif group_size > 1:
+            self.op = ops.AllGather(comm_group(group))
+
+    def construct(self, x):
+        if self.group_size == 1:
+            return x
+        if self.via_sum:
+            placed = x.expand_dims(0) * self.slot.astype(x.dtype).reshape((-1,) + (1,) * x.ndim)
+            return self.op(placed).reshape((-1,) + x.shape[1:])
+        return self.op(x)

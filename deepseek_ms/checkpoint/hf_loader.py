@@ -58,12 +58,13 @@ def weight_rules(net) -> Dict[str, WeightRule]:
     """Checkpoint tensor name -> how it loads into `net` (a DeepseekForCausalLM)."""
     from ..model.linear import Linear
     from ..model.moe import RoutedExperts, Router
+    from ..parallel.layers import VocabParallelEmbedding
 
     config: DeepseekConfig = net.config
     rules: Dict[str, WeightRule] = {}
     owned = set()
     for cell_name, cell in net.cells_and_names():
-        if isinstance(cell, Linear):
+        if isinstance(cell, (Linear, VocabParallelEmbedding)):
             rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(
                 cell.weight, cell.expected_hf_shape(), cell.shard_of())
             owned.add(id(cell.weight))
@@ -77,17 +78,25 @@ def weight_rules(net) -> Dict[str, WeightRule]:
                     b, tuple(b.shape), never_fp8=True)
                 owned.add(id(b))
         elif isinstance(cell, RoutedExperts):
+            inter, tp = config.moe_intermediate_size, cell.moe_tp
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 param = getattr(cell, proj)
                 owned.add(id(param))
-                per_expert = tuple(param.shape[1:])
+                # expert tensor parallel splits the intermediate dimension: rows of gate/up, columns of down
+                axis = 1 if proj == "down_proj" else 0
+                per_expert = [config.hidden_size] * 2
+                per_expert[axis] = inter
+                shard = None
+                if tp.size > 1:
+                    local_inter = inter // tp.size
+                    shard = (axis, tp.rank * local_inter, (tp.rank + 1) * local_inter)
                 for e in range(cell.n_routed_experts):
                     local = e - cell.first_expert
                     name = _hf_name(f"{cell_name}.{e}.{proj}.weight", config)
                     if 0 <= local < cell.n_local_experts:
-                        rules[name] = WeightRule(param, per_expert, row=local)
+                        rules[name] = WeightRule(param, tuple(per_expert), shard, row=local)
                     else:
-                        rules[name] = WeightRule(None, per_expert, kind="skip")
+                        rules[name] = WeightRule(None, tuple(per_expert), kind="skip")
     for name, param in net.parameters_and_names():
         if id(param) not in owned:  # norms and the embedding: plain, unsharded tensors
             rules[_hf_name(name, config)] = WeightRule(param, tuple(param.shape))

@@ -22,8 +22,10 @@ from mindspore.common.initializer import initializer
 
 import mindspore as ms
 
-from ..backend import AllReduce
 from ..config import DeepseekConfig
+from ..parallel.ep_dispatch import AlltoAllDispatcher
+from ..parallel.layers import TokenExchange
+from ..parallel.layout import NO_EP, ExpertGroups, use_alltoall
 from .linear import NO_TP, Linear, TPGroup
 
 _MASKED = -1e30  # a dropped group's experts can never be selected
@@ -113,13 +115,18 @@ class RoutedExperts(nn.Cell):
     """This rank's routed SwiGLU experts, stacked: [n_local_experts, out, in] per projection."""
 
     def __init__(self, config: DeepseekConfig, first_expert: int = 0, n_local_experts=None,
-                 param_dtype=ms.float32):
+                 param_dtype=ms.float32, moe_tp: TPGroup = NO_TP):
         super().__init__()
         c = config
         self.n_routed_experts = c.n_routed_experts
         self.first_expert = first_expert
         self.n_local_experts = n_local_experts or c.n_routed_experts
-        E, H, I = self.n_local_experts, c.hidden_size, c.moe_intermediate_size
+        if c.moe_intermediate_size % moe_tp.size:
+            raise ValueError(f"moe_intermediate_size ({c.moe_intermediate_size}) does not divide over "
+                             f"expert tensor-parallel size {moe_tp.size}")
+        # with moe_tp > 1 this rank holds a slice of every local expert's intermediate dimension
+        self.moe_tp = moe_tp
+        E, H, I = self.n_local_experts, c.hidden_size, c.moe_intermediate_size // moe_tp.size
         self.gate_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="gate_proj")
         self.up_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="up_proj")
         self.down_proj = Parameter(initializer("zeros", (E, H, I), param_dtype), name="down_proj")
@@ -167,17 +174,20 @@ class RoutedExperts(nn.Cell):
 
 
 class MoE(nn.Cell):
-    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP,
+    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, ep: ExpertGroups = NO_EP,
                  param_dtype=ms.float32):
         super().__init__()
         c = config
-        if c.n_routed_experts % ep.size:
+        if c.n_routed_experts % ep.ep.size:
             raise ValueError(f"n_routed_experts ({c.n_routed_experts}) does not divide over "
-                             f"expert-parallel size {ep.size}")
-        n_local = c.n_routed_experts // ep.size
+                             f"expert-parallel size {ep.ep.size}")
+        n_local = c.n_routed_experts // ep.ep.size
         self.gate = Router(c)
-        self.experts = RoutedExperts(c, ep.rank * n_local, n_local, param_dtype)
-        self.ep_reduce = AllReduce(ep.name, ep.size)
+        self.experts = RoutedExperts(c, ep.ep.rank * n_local, n_local, param_dtype, ep.moe_tp)
+        # expert-parallel communication lives in deepseek_ms.parallel: AlltoAll dispatch on
+        # devices that have it, otherwise replicated tokens and one sum over the stage
+        self.alltoall = use_alltoall(ep)
+        self.exchange = AlltoAllDispatcher(ep, c.n_routed_experts) if self.alltoall else TokenExchange(ep)
         self.has_shared = bool(c.n_shared_experts)
         if self.has_shared:
             self.shared_experts = MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, tp, param_dtype)
@@ -186,8 +196,15 @@ class MoE(nn.Cell):
         """x [B,S,H] -> (y [B,S,H], routing indices [B*S,k], routing weights [B*S,k])."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, weights = self.gate(flat)
-        y = self.ep_reduce(self.experts(flat, idx, weights))
+        if self.alltoall:
+            idx, weights = self.gate(flat)
+            rows, row_ids, row_weights, slot = self.exchange.send(flat, idx)
+            y = self.exchange.receive(self.experts(rows, row_ids, row_weights), weights, slot)
+        else:
+            tokens = self.exchange.gather(flat)
+            idx, weights = self.gate(tokens)
+            y = self.exchange.reduce(self.experts(tokens, idx, weights))
+            idx, weights = self.exchange.local(idx), self.exchange.local(weights)
         if self.has_shared:
             y = y + self.shared_experts(flat)
         return y.reshape(shape), idx, weights

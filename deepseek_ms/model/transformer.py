@@ -20,6 +20,8 @@ from mindspore.common.initializer import initializer
 import mindspore as ms
 
 from ..config import DeepseekConfig
+from ..parallel.layers import GatherLastDim, VocabParallelEmbedding
+from ..parallel.layout import NO_EP, ExpertGroups
 from .attention import MLAttention
 from .linear import NO_TP, Linear, TPGroup
 from .moe import MLP, MoE
@@ -28,7 +30,7 @@ from .rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, config: DeepseekConfig, layer_id: int, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP,
+    def __init__(self, config: DeepseekConfig, layer_id: int, tp: TPGroup = NO_TP, ep: ExpertGroups = NO_EP,
                  param_dtype=ms.float32):
         super().__init__()
         c = config
@@ -73,9 +75,13 @@ class Embedding(nn.Cell):
 class DeepseekModel(nn.Cell):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP, param_dtype=ms.float32):
+    def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, ep: ExpertGroups = NO_EP,
+                 param_dtype=ms.float32):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, param_dtype)
+        if tp.size > 1:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, param_dtype)
+        else:
+            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, param_dtype)
         self.layers = nn.CellList([DecoderLayer(config, i, tp, ep, param_dtype)
                                    for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
@@ -90,7 +96,7 @@ class MTPLayer(nn.Cell):
     and output head are shared with the main model, as in DeepSeek's checkpoints.
     """
 
-    def __init__(self, config: DeepseekConfig, layer_id: int, tp: TPGroup = NO_TP, ep: TPGroup = NO_TP,
+    def __init__(self, config: DeepseekConfig, layer_id: int, tp: TPGroup = NO_TP, ep: ExpertGroups = NO_EP,
                  param_dtype=ms.float32):
         super().__init__()
         H = config.hidden_size
@@ -106,12 +112,14 @@ class MTPLayer(nn.Cell):
 
 class DeepseekForCausalLM(nn.Cell):
     def __init__(self, config: DeepseekConfig, max_seq_len: int = 4096, tp: TPGroup = NO_TP,
-                 ep: TPGroup = NO_TP, param_dtype=ms.float32, compute_dtype=ms.float32):
+                 ep: ExpertGroups = NO_EP, param_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype
         self.model = DeepseekModel(config, tp, ep, param_dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, "replicated", tp, param_dtype)
+        # vocabulary-parallel head: each rank computes its slice of the logits, then all gather
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, "column", tp, param_dtype)
+        self.gather_vocab = GatherLastDim(tp)
         self.rotary = RotaryEmbedding(config, max_seq_len)
         self.mtp = nn.CellList([MTPLayer(config, config.num_hidden_layers + k, tp, ep, param_dtype)
                                 for k in range(config.num_nextn_predict_layers)])
@@ -120,7 +128,7 @@ class DeepseekForCausalLM(nn.Cell):
         return self.model.embed_tokens(ids).astype(self.compute_dtype)
 
     def head(self, hidden):
-        return self.lm_head(hidden).astype(ms.float32)
+        return self.gather_vocab(self.lm_head(hidden)).astype(ms.float32)
 
     def prefill(self, ids, positions, mask):
         """Returns (final hidden [B,S,H] after the norm, latents list, routing list)."""
