@@ -33,11 +33,15 @@ RUNTIME_REQUIRES = [
     "decorator==5.3.1",       # imported by MindSpore's graph-kernel compiler, not declared by it
     "protobuf==3.20.3",       # see module docstring: mindspore-serving's client breaks on >=4.21
     "grpcio==1.47.0",         # mindspore-serving: grpcio<=1.47.0
+    "aiohttp==3.13.5",        # the OpenAI-compatible HTTP server (deepseek_ms/serving/openai_api.py)
+    "prometheus_client==0.26.0",  # its /metrics
 ]
 
 TEST_REQUIRES = [
     "pytest==8.4.2",
     "mindformers==1.9.0",     # interop tests only; runtime code never imports it
+    "openai==2.48.0",         # the official client, against our OpenAI-compatible API
+    "httpx==0.28.1",          # raw HTTP/SSE in the serving tests (openai depends on it too)
 ]
 
 setup(

@@ -1,0 +1,1 @@
+"""Serving front ends: the engine server and its clients, MindSpore Serving, the OpenAI API."""
