@@ -98,7 +98,11 @@ _RUNTIME_BOOL_KEYS = frozenset({"use_past", "is_dynamic", "use_flash_attention",
                                 "mla_qkv_concat"})
 _RUNTIME_OTHER_KEYS = frozenset({"type", "checkpoint_name_or_path", "moe_token_dispatcher_type",
                                  "pad_token_id"})
-RUNTIME_KEYS = _RUNTIME_INT_KEYS | _RUNTIME_DTYPE_KEYS | _RUNTIME_BOOL_KEYS | _RUNTIME_OTHER_KEYS
+# mindformers' training knobs (TransformerConfig names), read by deepseek_ms.train
+_RUNTIME_FLOAT_KEYS = frozenset({"moe_router_bias_update_rate", "moe_aux_loss_coeff",
+                                 "mtp_loss_scaling_factor", "init_method_std"})
+RUNTIME_KEYS = (_RUNTIME_INT_KEYS | _RUNTIME_DTYPE_KEYS | _RUNTIME_BOOL_KEYS | _RUNTIME_OTHER_KEYS
+                | _RUNTIME_FLOAT_KEYS)
 
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32",
@@ -392,6 +396,10 @@ def _split_model_config(mc: Mapping[str, Any], src: str) -> Tuple[Dict[str, Any]
             runtime[key] = _bool(value, where % key)
         elif key in _RUNTIME_OTHER_KEYS:
             runtime[key] = value
+        elif key in _RUNTIME_FLOAT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{where % key} must be a non-negative number, got {value!r}")
+            runtime[key] = float(value)
         elif key in fields or key in hf_ignored:
             arch[key] = value
         else:

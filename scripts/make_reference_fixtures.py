@@ -21,6 +21,10 @@ Fixtures (one folder each under ``--out``; see the README.md written next to the
 * ``deepseek_v3_fp8_tiny``   V3 with DeepSeek's block-wise FP8 (e4m3, 128x128 ``weight_scale_inv``).
 * ``deepseek_v31_fp8_tiny``  same, with V3.1's ``scale_fmt: ue8m0`` (power-of-two scales).
 
+``--default-model models/deepseek-ms-tiny`` instead loads the trained default model with
+``DeepseekV3ForCausalLM.from_pretrained`` and writes its prompt logits to
+``tests/fixtures/default_model_hf_logits.npz`` (see ``make_default_model_fixture``).
+
 Each folder holds ``config.json``, the checkpoint and ``golden.npz``. Goldens are always computed
 in fp32 with eager attention from exactly the values stored in the checkpoint (bf16/fp16 weights
 are rounded first; FP8 weights are dequantized ``w_fp8.float() * scale`` per block).
@@ -793,6 +797,34 @@ def check_with_deepseek_ms(config_path: str, golden: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The trained default model: HF interop golden
+# ----------------------------------------------------------------------------------------------
+
+def make_default_model_fixture(model_dir: str, out_path: str, prompt_len: int = 32) -> None:
+    """Load an exported deepseek-ms folder (e.g. models/deepseek-ms-tiny) with
+    DeepseekV3ForCausalLM.from_pretrained exactly as committed and store its fp32 prompt logits.
+
+    The npz holds ``input_ids`` int64 [2, prompt_len] (fixed-seed random ids), ``logits`` float32
+    [2, prompt_len, V] and ``safetensors_sha256`` (the golden belongs to exactly that file)."""
+    import hashlib
+
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                  attn_implementation="eager")
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(3, vocab, (BATCH, prompt_len), generator=gen)
+    logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.float()
+    with open(os.path.join(model_dir, "model.safetensors"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    np.savez_compressed(out_path, input_ids=input_ids.numpy(), logits=logits.numpy(),
+                        safetensors_sha256=np.array(digest))
+    log.info("wrote %s: logits of %s via transformers %s (sha256 %s)", out_path, model_dir,
+             transformers.__version__, digest[:12])
+
+
+# ----------------------------------------------------------------------------------------------
 # README
 # ----------------------------------------------------------------------------------------------
 
@@ -850,12 +882,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default="tests/fixtures", help="output folder (one subfolder per fixture)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds scanned per fixture for the largest margin")
     parser.add_argument("--only", nargs="*", help="generate only these fixtures (README lists only them)")
+    parser.add_argument("--default-model", metavar="DIR",
+                        help="instead: write the HF-interop golden of an exported model folder")
+    parser.add_argument("--default-model-out", default="tests/fixtures/default_model_hf_logits.npz")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     transformers.logging.set_verbosity_error()
     torch.set_grad_enabled(False)
     patch_transformers()
+    if args.default_model:
+        make_default_model_fixture(args.default_model, args.default_model_out)
+        return
 
     os.makedirs(args.out, exist_ok=True)
     specs = [s for s in FIXTURES if not args.only or s.name in args.only]
