@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -102,6 +103,10 @@ class ModelRunner:
         if not first_user or _CACHE_OWNER:
             logger.warning("compile cache skipped: graphs were already compiled in this process, so MindSpore's "
                            "order-keyed cache entries would not line up")
+            return
+        if not os.path.isfile(sys.argv[0]):  # MindSpore hashes the entry script into the cache key
+            logger.warning("compile cache skipped: the entry script %r is not a file (python -c or interactive)",
+                           sys.argv[0])
             return
         _CACHE_OWNER.append(self)
         cfg = self.model.config
