@@ -67,15 +67,30 @@ class CausalLM:
         self._prefill = ms.jit(PrefillStep(self.net))
         self._cached = ms.jit(CachedStep(self.net))
         self._mtp = {}
-        self._paged = None
+        self._paged = {}
+        self.paged_steps_used = False  # an engine has claimed the paged steps (see ModelRunner._warm_up)
 
-    def paged_steps(self):
+    def paged_steps(self, return_hidden: bool = False):
         """(prefill, cached) compiled steps over a paged cache, shared by every engine built on
-        this model so that a graph compiled for one shape is never compiled twice."""
-        if self._paged is None:
+        this model so that a graph compiled for one shape is never compiled twice. With
+        `return_hidden` the steps also return the final hidden states (for the MTP drafter)."""
+        self.paged_steps_used = True
+        if return_hidden not in self._paged:
             from .model.transformer import PagedCachedStep, PagedPrefillStep
-            self._paged = (self._ms.jit(PagedPrefillStep(self.net)), self._ms.jit(PagedCachedStep(self.net)))
-        return self._paged
+            self._paged[return_hidden] = (self._ms.jit(PagedPrefillStep(self.net, return_hidden)),
+                                          self._ms.jit(PagedCachedStep(self.net, return_hidden)))
+        return self._paged[return_hidden]
+
+    def paged_mtp_step(self, depth: int = 0):
+        """The compiled MTP drafter step over its own paged latent pool (speculative decoding)."""
+        if depth >= self.config.num_nextn_predict_layers:
+            raise ValueError(f"speculative decoding needs MTP weights: the model has "
+                             f"{self.config.num_nextn_predict_layers} MTP layers (num_nextn_predict_layers)")
+        key = ("paged", depth)
+        if key not in self._mtp:
+            from .model.transformer import PagedMTPStep
+            self._mtp[key] = self._ms.jit(PagedMTPStep(self.net, depth))
+        return self._mtp[key]
 
     def _check_len(self, total: int) -> None:
         if total > self.max_seq_len:

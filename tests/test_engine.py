@@ -293,14 +293,20 @@ def test_async_streams_match_and_cancel_frees_blocks(target):
             if len(out.token_ids) >= 2:
                 break  # the consumer goes away: the request must be aborted
 
+    async def invalid():
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            async for _ in engine.generate([1, 10 ** 6], GREEDY):
+                pass
+        return "refused"
+
     async def main():
         results = await asyncio.gather(collect(prompt), *[collect(p) for p in _prompts(3, seed=9)],
-                                       cancel_early(prompt))
+                                       cancel_early(prompt), invalid())
         return results
 
     try:
         results = asyncio.run(main())
-        assert results[0] == ref
+        assert results[0] == ref and results[-1] == "refused"
         for _ in range(100):
             if not engine.engine.has_unfinished_requests():
                 break

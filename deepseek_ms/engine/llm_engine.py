@@ -9,13 +9,13 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..api import CausalLM
 from .block_manager import BlockManager, cache_bytes_per_token, num_blocks_for_budget
-from .model_runner import DecodeItem, ModelRunner
+from .model_runner import DecodeItem, DraftItem, ModelRunner
 from .request import FinishReason, Request, RequestOutput, RequestStatus
 from .sampling import Sampler, SamplingParams, SequenceSamplingState
 from .scheduler import Scheduler
@@ -33,6 +33,11 @@ class EngineConfig:
     num_blocks: Optional[int] = None       # overrides cache_memory_bytes when set
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    # MTP speculative decoding: 1 = the model's MTP module drafts one token per step and the
+    # next step verifies it (needs MTP weights); 0 = off
+    num_speculative_tokens: int = 0
+    # keep compiled graphs on disk so that a restart skips compilation (see ModelRunner)
+    compile_cache_dir: Optional[str] = None
 
     def validate(self) -> None:
         for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cache_memory_bytes"):
@@ -41,6 +46,9 @@ class EngineConfig:
                 raise ValueError(f"engine config '{key}' must be a positive integer, got {value!r}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):
             raise ValueError(f"engine config 'num_blocks' must be an integer >= 2, got {self.num_blocks!r}")
+        if self.num_speculative_tokens not in (0, 1):
+            raise ValueError("engine config 'num_speculative_tokens' must be 0 (off) or 1 (one MTP draft token), "
+                             f"got {self.num_speculative_tokens!r}")
 
 
 class LLMEngine:
@@ -54,10 +62,20 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.max_seq_len, model.max_seq_len)
         num_blocks = config.num_blocks or num_blocks_for_budget(
             config.cache_memory_bytes, config.block_size, cfg.num_hidden_layers, cfg.latent_dim)
+        self.speculative = config.num_speculative_tokens > 0
+        if self.speculative and cfg.num_nextn_predict_layers < 1:
+            raise ValueError("num_speculative_tokens=1 needs a checkpoint with MTP weights "
+                             "(config num_nextn_predict_layers is 0)")
+        if self.speculative:  # the MTP block's latents take one more layer's worth of cache
+            num_blocks = config.num_blocks or num_blocks_for_budget(
+                config.cache_memory_bytes, config.block_size, cfg.num_hidden_layers + 1, cfg.latent_dim)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len, config.max_num_seqs)
+                                   config.enable_chunked_prefill, config.num_speculative_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len, config.max_num_seqs,
+                                  self.speculative, config.compile_cache_dir)
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.sampler = Sampler()
         self.eos_token_id = self._eos_token_id()
         self._ids = itertools.count()
@@ -80,7 +98,7 @@ class LLMEngine:
     @property
     def cache_bytes_per_token(self) -> int:
         cfg = self.model.config
-        return cache_bytes_per_token(cfg.num_hidden_layers, cfg.latent_dim)
+        return cache_bytes_per_token(cfg.num_hidden_layers + int(self.speculative), cfg.latent_dim)
 
     def stats(self) -> Dict[str, float]:
         bm = self.block_manager
@@ -95,6 +113,9 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
+            "spec_draft_tokens": self.num_draft_tokens,
+            "spec_accepted_tokens": self.num_accepted_tokens,
+            "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
         }
 
     # ---- requests ----
@@ -159,31 +180,83 @@ class LLMEngine:
         self.num_steps += 1
         to_sample: List[Request] = []
         rows: List[np.ndarray] = []
+        drafts: List[Tuple[Request, int, int, np.ndarray, bool]] = []  # (request, start, n, hidden, wants draft)
         for chunk in plan.prefills:
             request = chunk.request
-            logits = self.runner.prefill_chunk(chunk.token_ids, chunk.start,
-                                               self.block_manager.block_table(request.request_id))
-            request.num_computed_tokens += len(chunk.token_ids)
-            self.block_manager.mark_computed(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            logits, hidden = self.runner.prefill_chunk(chunk.token_ids, chunk.start,
+                                                       self.block_manager.block_table(request.request_id))
+            self._computed(request, len(chunk.token_ids))
             if chunk.completes_prompt:
                 to_sample.append(request)
                 rows.append(logits[0])
+            if self.speculative:
+                drafts.append((request, chunk.start, len(chunk.token_ids), hidden, chunk.completes_prompt))
+        verify = None
         if plan.decodes:
-            items = [DecodeItem(r.all_token_ids[-1], r.num_tokens - 1, self.block_manager.block_table(r.request_id))
+            # when speculating, every decode carries a draft; a request without one (just
+            # preempted) verifies a stand-in, which is exact, merely unlikely to be accepted
+            items = [DecodeItem([r.all_token_ids[-1]] + ([r.draft_token if r.draft_token is not None
+                                                          else r.all_token_ids[-1]] if self.speculative else []),
+                                r.num_tokens - 1, self.block_manager.block_table(r.request_id))
                      for r in plan.decodes]
-            logits = self.runner.decode(items)
+            logits, hidden = self.runner.decode(items)
             for i, request in enumerate(plan.decodes):
-                request.num_computed_tokens += 1
-                self.block_manager.mark_computed(request.request_id, request.all_token_ids,
-                                                 request.num_computed_tokens)
+                self._computed(request, 1)
                 to_sample.append(request)
-                rows.append(logits[i])
-        if to_sample:
-            sampled = self.sampler.sample(np.stack(rows), [r.sampling_state for r in to_sample])
-            now = time.monotonic()
-            for i, request in enumerate(to_sample):
-                outputs.append(self._append_token(request, int(sampled.token_ids[i]), sampled, i, now))
+                rows.append(logits[i, 0])
+            verify = (items, logits, hidden)
+        outputs += self._sample(to_sample, rows)
+        if verify is not None and self.speculative:
+            outputs += self._accept_drafts(plan.decodes, *verify, drafts)
+        if drafts:
+            self._propose(drafts)
         return outputs
+
+    def _computed(self, request: Request, n: int) -> None:
+        request.num_computed_tokens += n
+        self.block_manager.mark_computed(request.request_id, request.all_token_ids, request.num_computed_tokens)
+
+    def _sample(self, requests: List[Request], rows: List[np.ndarray]) -> List[RequestOutput]:
+        if not requests:
+            return []
+        sampled = self.sampler.sample(np.stack(rows), [r.sampling_state for r in requests])
+        now = time.monotonic()
+        return [self._append_token(r, int(sampled.token_ids[i]), sampled, i, now) for i, r in enumerate(requests)]
+
+    def _accept_drafts(self, decodes: List[Request], items: List[DecodeItem], logits: np.ndarray, hidden: np.ndarray,
+                       drafts: list) -> List[RequestOutput]:
+        """A draft is accepted when the token sampled at its position equals it; the verify
+        step's second row then holds the distribution of the token after it, sampled in a
+        second pass so that each request's generator draws in the same order as without
+        speculation (same seed, same output)."""
+        accepted, rows = [], []
+        for i, request in enumerate(decodes):
+            self.num_draft_tokens += 1
+            hit = not request.is_finished and request.output_token_ids[-1] == items[i].token_ids[1]
+            if hit:
+                self.num_accepted_tokens += 1
+                self._computed(request, 1)
+                accepted.append(request)
+                rows.append(logits[i, 1])
+            if not request.is_finished:
+                drafts.append((request, items[i].position, 1 + hit, hidden[i, :1 + hit], True))
+        return self._sample(accepted, rows)
+
+    def _propose(self, drafts: List[Tuple[Request, int, int, np.ndarray, bool]]) -> None:
+        """Run the MTP drafter over the positions computed this step (position p pairs the
+        hidden state at p with the token at p + 1) and keep each live request's next draft."""
+        prompt_jobs = [d for d in drafts if d[2] > 2]
+        decode_jobs = [d for d in drafts if d[2] <= 2]
+        for group in [[job] for job in prompt_jobs] + ([decode_jobs] if decode_jobs else []):
+            live = [(r, start, n, h, want) for r, start, n, h, want in group if not r.is_finished]
+            if not live:
+                continue
+            items = [DraftItem(r.all_token_ids[start + 1:start + n + 1], h, start,
+                               self.block_manager.block_table(r.request_id)) for r, start, n, h, _ in live]
+            proposals = self.runner.draft(items).argmax(-1)
+            for (request, _, _, _, want), token in zip(live, proposals):
+                if want:
+                    request.draft_token = int(token)
 
     def _append_token(self, request: Request, token: int, sampled, row: int, now: float) -> RequestOutput:
         params = request.sampling

@@ -5,12 +5,26 @@ as zero-copy MindSpore inputs. Graphs only read it (each step gathers the blocks
 sequences); the host writes the latent rows a step returns into their slots. Shapes are
 static per graph, so batch sizes, chunk lengths and block-table widths are rounded up to
 powers of two and each combination compiles once per process.
+
+Restarts skip compilation with `compile_cache_dir`: MindSpore's on-disk compile cache
+names its entries by the order in which graphs compile, so with shapes compiled lazily in
+whatever order requests arrive, a restart would load a graph for the wrong shape. The
+runner therefore appends every shape it compiles to a manifest and, at start-up, replays
+the manifest in order (cache hits) before serving; shapes first seen later compile after
+the replayed ones and are appended in that order, so the next start lines up again. The
+cache is process-wide and order-keyed, so only the first engine of a process uses it, and
+that process should compile nothing else (the engine server does not).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import sys
+import time
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +33,8 @@ from ..api import MASKED, CausalLM, causal_mask
 logger = logging.getLogger(__name__)
 
 MIN_CHUNK = 16
+# MindSpore's compile cache is process-wide: only the first runner of a process may use it
+_CACHE_OWNER: List["ModelRunner"] = []
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -28,40 +44,103 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 @dataclass
 class DecodeItem:
-    token_id: int
-    position: int          # position of token_id; tokens [0, position) are cached
+    token_ids: List[int]   # new tokens: the last sampled one, then a draft when speculating
+    position: int          # position of token_ids[0]; tokens [0, position) are cached
+    block_table: List[int]
+
+
+@dataclass
+class DraftItem:
+    """MTP drafter input for consecutive positions [position, position + n): the main model's
+    hidden state at each position and the token that follows it."""
+    next_token_ids: List[int]
+    hidden: np.ndarray     # [n,H]
+    position: int
     block_table: List[int]
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int):
+                 max_num_seqs: int, speculative: bool = False, compile_cache_dir: Optional[str] = None):
         import mindspore as ms
 
         cfg = model.config
+        first_user = not model.paged_steps_used
         self.model = model
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.max_num_seqs = max_num_seqs
+        self.speculative = speculative
         self.pools = [np.zeros((num_blocks, block_size, cfg.latent_dim), dtype=np.float32)
                       for _ in range(cfg.num_hidden_layers)]
-        self._pool_inputs = [ms.Tensor.from_numpy(p) for p in self.pools]
         self._T = ms.Tensor
-        self._prefill, self._cached = model.paged_steps()
+        prefill, cached = model.paged_steps(return_hidden=speculative)
+        pool_inputs = [ms.Tensor.from_numpy(p) for p in self.pools]
+        self._steps = {"prefill": (prefill, []), "cached": (cached, pool_inputs)}
+        if speculative:
+            # the MTP block's own latents, in the same blocks as the main model's
+            self.mtp_pool = np.zeros((num_blocks, block_size, cfg.latent_dim), dtype=np.float32)
+            self._steps["mtp"] = (model.paged_mtp_step(0), [ms.Tensor.from_numpy(self.mtp_pool)])
+        self._compiled = set()
+        self._manifest: Optional[str] = None
+        self.warmup_seconds = 0.0
+        self.warmup_graphs = 0
+        if compile_cache_dir:
+            self._warm_up(ms, compile_cache_dir, num_blocks, first_user)
+
+    # ---- compiled steps and the restart cache ----
+    def _run(self, kind: str, *args: np.ndarray):
+        step, pools = self._steps[kind]
+        signature = (kind, tuple((tuple(a.shape), a.dtype.str) for a in args))
+        if signature not in self._compiled:
+            self._compiled.add(signature)
+            if self._manifest:
+                with open(self._manifest, "a") as f:
+                    f.write(json.dumps([kind, [[list(shape), dtype] for shape, dtype in signature[1]]]) + "\n")
+        return step(*[self._T(a) for a in args], *pools)
+
+    def _warm_up(self, ms, root: str, num_blocks: int, first_user: bool) -> None:
+        if not first_user or _CACHE_OWNER:
+            logger.warning("compile cache skipped: graphs were already compiled in this process, so MindSpore's "
+                           "order-keyed cache entries would not line up")
+            return
+        if not os.path.isfile(sys.argv[0]):  # MindSpore hashes the entry script into the cache key
+            logger.warning("compile cache skipped: the entry script %r is not a file (python -c or interactive)",
+                           sys.argv[0])
+            return
+        _CACHE_OWNER.append(self)
+        cfg = self.model.config
+        key = json.dumps([cfg.to_dict(), num_blocks, self.block_size, self.max_blocks, self.max_num_seqs,
+                          self.speculative, ms.__version__], sort_keys=True, default=str)
+        path = os.path.join(os.path.abspath(root), hashlib.sha256(key.encode()).hexdigest()[:16])
+        os.makedirs(path, exist_ok=True)
+        manifest = os.path.join(path, "shapes.jsonl")
+        entries = []
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                entries = [json.loads(line) for line in f if line.strip()]
+        start = time.perf_counter()
+        ms.set_context(enable_compile_cache=True, compile_cache_path=path)
+        for kind, arrays in entries:
+            self._run(kind, *[np.zeros(shape, dtype=np.dtype(dtype)) for shape, dtype in arrays])
+        self._manifest = manifest
+        self.warmup_graphs = len(entries)
+        self.warmup_seconds = time.perf_counter() - start
+        logger.info("compile cache %s: %d graphs warmed up in %.1f s", path, len(entries), self.warmup_seconds)
 
     @property
     def cache_bytes(self) -> int:
-        return sum(p.nbytes for p in self.pools)
+        return sum(p.nbytes for p in self.pools) + (self.mtp_pool.nbytes if self.speculative else 0)
 
-    def _write(self, latents: np.ndarray, rows: Sequence[int], positions: np.ndarray,
+    def _write(self, pools: Sequence[np.ndarray], latents: np.ndarray, rows: Sequence[int], positions: np.ndarray,
                block_tables: Sequence[Sequence[int]], steps: Sequence[int]) -> None:
-        """Store latents[l, rows[i], steps[i]] at positions[i] of sequence i's blocks."""
+        """Store latents[l, rows[i], steps[i]] at positions[i] of sequence i's blocks in pools[l]."""
         bt = [block_tables[i][int(p) // self.block_size] for i, p in enumerate(positions)]
         blocks = np.asarray(bt, dtype=np.int64)
         offsets = np.asarray(positions, dtype=np.int64) % self.block_size
         rows = np.asarray(rows, dtype=np.int64)
         steps = np.asarray(steps, dtype=np.int64)
-        for layer, pool in enumerate(self.pools):
+        for layer, pool in enumerate(pools):
             pool[blocks, offsets] = latents[layer, rows, steps]
 
     def _width(self, blocks_needed: int) -> int:
@@ -77,48 +156,92 @@ class ModelRunner:
             out[i, :n] = table[:n]
         return out
 
-    def prefill_chunk(self, token_ids: Sequence[int], start: int, block_table: Sequence[int]) -> np.ndarray:
-        """Compute tokens [start, start+n) of one sequence whose tokens [0, start) are cached;
-        returns the logits [1,V] of the chunk's last token."""
+    def _batch(self, n: int) -> int:
+        return max(min(next_pow2(n), next_pow2(self.max_num_seqs)), n)
+
+    def _positions(self, starts: Sequence[int], batch: int, seq: int) -> np.ndarray:
+        positions = np.zeros((batch, seq), dtype=np.int32)
+        for i, start in enumerate(starts):
+            positions[i] = start + np.arange(seq)
+        return np.minimum(positions, self.model.max_seq_len - 1)
+
+    def _past_mask(self, starts: Sequence[int], batch: int, seq: int, width: int) -> np.ndarray:
+        past = np.full((batch, seq, width * self.block_size), MASKED, dtype=np.float32)
+        for i, start in enumerate(starts):
+            past[i, :, :start] = 0
+        return past
+
+    def prefill_chunk(self, token_ids: Sequence[int], start: int, block_table: Sequence[int]):
+        """Compute tokens [start, start+n) of one sequence whose tokens [0, start) are cached.
+        Returns (logits [1,V] of the chunk's last token, hidden [n,H] when speculating else None)."""
         n = len(token_ids)
         chunk = next_pow2(n, MIN_CHUNK)
-        T = self._T
         ids = np.zeros((1, chunk), dtype=np.int32)
         ids[0, :n] = token_ids
-        positions = np.minimum(start + np.arange(chunk, dtype=np.int32), self.model.max_seq_len - 1)[None, :]
+        positions = self._positions([start], 1, chunk)
         last = np.array([n - 1], dtype=np.int32)
         if start == 0:
-            logits, latents = self._prefill(T(ids), T(positions), T(causal_mask(1, chunk)), T(last))
+            outs = self._run("prefill", ids, positions, causal_mask(1, chunk), last)
         else:
             width = self._width(-(-start // self.block_size))
             tables = self._block_table_array([block_table], 1, width)
-            past = np.full((1, chunk, width * self.block_size), MASKED, dtype=np.float32)
-            past[:, :, :start] = 0
-            logits, latents = self._cached(T(ids), T(positions), T(last), T(tables), T(past),
-                                           T(causal_mask(1, chunk)), *self._pool_inputs)
-        logits = logits.asnumpy()  # logits first: reading another output first stalls the CPU runtime
-        self._write(latents.asnumpy(), [0] * n, start + np.arange(n), [block_table] * n, list(range(n)))
-        return logits
+            outs = self._run("cached", ids, positions, last, tables, self._past_mask([start], 1, chunk, width),
+                             causal_mask(1, chunk))
+        logits = outs[0].asnumpy()  # logits first: reading another output first stalls the CPU runtime
+        self._write(self.pools, outs[1].asnumpy(), [0] * n, start + np.arange(n), [block_table] * n, list(range(n)))
+        hidden = outs[2].asnumpy()[0, :n] if self.speculative else None
+        return logits, hidden
 
-    def decode(self, items: Sequence[DecodeItem]) -> np.ndarray:
-        """One new token per sequence; returns logits [B,V] in the order of `items`."""
+    def decode(self, items: Sequence[DecodeItem]):
+        """S new tokens per sequence (S = 1, or 2 when verifying a draft; equal for all items).
+        Returns (logits [B,S,V] in the order of `items`, hidden [B,S,H] when speculating)."""
         B = len(items)
-        batch = max(min(next_pow2(B), next_pow2(self.max_num_seqs)), B)
-        longest = max(it.position for it in items)
-        width = self._width(-(-longest // self.block_size))
-        T = self._T
-        ids = np.zeros((batch, 1), dtype=np.int32)
-        positions = np.zeros((batch, 1), dtype=np.int32)
-        past = np.full((batch, 1, width * self.block_size), MASKED, dtype=np.float32)
+        S = len(items[0].token_ids)
+        if any(len(it.token_ids) != S for it in items):
+            raise ValueError("decode items must all carry the same number of tokens")
+        batch = self._batch(B)
+        starts = [it.position for it in items]
+        width = self._width(-(-max(starts) // self.block_size))
+        ids = np.zeros((batch, S), dtype=np.int32)
         for i, it in enumerate(items):
-            ids[i, 0] = it.token_id
-            positions[i, 0] = it.position
-            past[i, 0, :it.position] = 0
+            ids[i] = it.token_ids
+        positions = self._positions(starts, batch, S)
         tables = self._block_table_array([it.block_table for it in items], batch, width)
-        index = np.arange(batch, dtype=np.int32)
-        self_mask = np.zeros((batch, 1, 1), dtype=np.float32)
-        logits, latents = self._cached(T(ids), T(positions), T(index), T(tables), T(past), T(self_mask),
-                                       *self._pool_inputs)
+        index = np.arange(batch * S, dtype=np.int32)
+        outs = self._run("cached", ids, positions, index, tables, self._past_mask(starts, batch, S, width),
+                         causal_mask(batch, S))
+        logits = outs[0].asnumpy().reshape(batch, S, -1)[:B]
+        rows = np.repeat(np.arange(B), S)
+        steps = np.tile(np.arange(S), B)
+        self._write(self.pools, outs[1].asnumpy(), rows, positions[:B].reshape(-1),
+                    [items[r].block_table for r in rows], steps)
+        hidden = outs[2].asnumpy()[:B] if self.speculative else None
+        return logits, hidden
+
+    def draft(self, items: Sequence[DraftItem]) -> np.ndarray:
+        """Run the MTP drafter; stores its latents and returns the logits [B,V] at each item's
+        last position, which propose the token two places after it."""
+        B = len(items)
+        longest = max(len(it.next_token_ids) for it in items)
+        S = next_pow2(longest, 2) if longest <= 2 else next_pow2(longest, MIN_CHUNK)
+        batch = self._batch(B)
+        starts = [it.position for it in items]
+        width = self._width(-(-max(starts) // self.block_size))
+        ids = np.zeros((batch, S), dtype=np.int32)
+        hidden = np.zeros((batch, S, items[0].hidden.shape[-1]), dtype=items[0].hidden.dtype)
+        index = np.zeros(batch, dtype=np.int32)
+        for i, it in enumerate(items):
+            n = len(it.next_token_ids)
+            ids[i, :n] = it.next_token_ids
+            hidden[i, :n] = it.hidden
+            index[i] = i * S + n - 1
+        tables = self._block_table_array([it.block_table for it in items], batch, width)
+        logits, latents = self._run("mtp", ids, hidden, self._positions(starts, batch, S), index, tables,
+                                    self._past_mask(starts, batch, S, width), causal_mask(batch, S))
         logits = logits.asnumpy()[:B]
-        self._write(latents.asnumpy(), list(range(B)), positions[:B, 0], [it.block_table for it in items], [0] * B)
+        rows = [i for i, it in enumerate(items) for _ in it.next_token_ids]
+        steps = [j for it in items for j in range(len(it.next_token_ids))]
+        positions = np.asarray([items[r].position + j for r, j in zip(rows, steps)])
+        self._write([self.mtp_pool], latents.asnumpy()[None], rows, positions, [items[r].block_table for r in rows],
+                    steps)
         return logits

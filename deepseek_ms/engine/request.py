@@ -44,6 +44,7 @@ class Request:
         self.stop_matcher = stop_matcher
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.draft_token: Optional[int] = None  # the MTP drafter's guess at the next token
         self.finish_reason: Optional[FinishReason] = None
         self.stop_reason = None  # the stop string or token id that ended it
         self.output_text = ""

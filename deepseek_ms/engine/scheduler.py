@@ -53,8 +53,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, num_lookahead_tokens: int = 0):
         self.blocks = block_manager
+        # speculative decoding verifies a draft token after each decode token: it needs a
+        # cache slot and a place in the token budget too
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -87,6 +90,7 @@ class Scheduler:
         self.running.remove(victim)
         self.blocks.free(victim.request_id)
         victim.num_computed_tokens = 0
+        victim.draft_token = None
         victim.status = RequestStatus.WAITING
         victim.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -109,10 +113,11 @@ class Scheduler:
             if request not in self.running:  # preempted while making room for an earlier one
                 continue
             remaining = request.num_tokens - request.num_computed_tokens
-            if remaining == 1:  # decode: the last sampled token needs a cache slot
-                if budget < 1:
+            if remaining == 1:  # decode: the last sampled token (and any draft) needs a cache slot
+                cost = 1 + self.num_lookahead_tokens
+                if budget < cost:
                     continue
-                need = request.num_tokens - self.blocks.num_tokens(request.request_id)
+                need = request.num_tokens + self.num_lookahead_tokens - self.blocks.num_tokens(request.request_id)
                 while not self.blocks.can_append(request.request_id, need):
                     victim = self.running[-1]
                     self._preempt(victim, out)
@@ -122,7 +127,7 @@ class Scheduler:
                     continue
                 self.blocks.append_slots(request.request_id, need)
                 out.decodes.append(request)
-                budget -= 1
+                budget -= cost
             else:  # a prompt (or recomputation) still being prefilled in chunks
                 n = self._chunk(request, budget)
                 if n <= 0:

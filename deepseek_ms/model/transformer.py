@@ -220,37 +220,70 @@ def _select_rows(hidden, flat_index):
     return ops.gather(hidden.reshape(B * S, H), flat_index, 0)
 
 
+def _gather_blocks(pool, block_tables):
+    """pool [num_blocks,bs,D], block_tables [B,MB] -> [B,MB*bs,D]: each sequence's cache in
+    token order (gathered position t is token position t)."""
+    B, MB = block_tables.shape
+    return ops.gather(pool, block_tables, 0).reshape(B, MB * pool.shape[1], pool.shape[2])
+
+
 class PagedPrefillStep(nn.Cell):
     """Engine graph: a prompt chunk with no cached past (expanded MLA).
 
-    Returns the logits at `logits_index` (flat indices into B*S) and the latents
-    [L,B,S,latent_dim] to store in the paged cache."""
+    Returns the logits at `logits_index` (flat indices into B*S), the latents
+    [L,B,S,latent_dim] to store in the paged cache and, with `return_hidden` (speculative
+    decoding: the MTP drafter reads it), the final hidden states [B,S,H]."""
 
-    def __init__(self, net: DeepseekForCausalLM):
+    def __init__(self, net: DeepseekForCausalLM, return_hidden: bool = False):
         super().__init__(auto_prefix=False)
         self.net = net
+        self.return_hidden = return_hidden
 
     def construct(self, ids, positions, mask, logits_index):
         hidden, latents, _ = self.net.prefill(ids, positions, mask)
-        return self.net.head(_select_rows(hidden, logits_index)), ops.stack(latents, 0)
+        logits = self.net.head(_select_rows(hidden, logits_index))
+        if self.return_hidden:
+            return logits, ops.stack(latents, 0), hidden
+        return logits, ops.stack(latents, 0)
 
 
 class PagedCachedStep(nn.Cell):
-    """Engine graph: new tokens (decode, or a later prompt chunk) against the paged cache.
+    """Engine graph: new tokens (decode, speculative verification, or a later prompt chunk)
+    against the paged cache.
 
     `pools` are the per-layer block pools [num_blocks, block_size, latent_dim], passed
-    zero-copy from host memory; `block_tables` [B,MB] picks each sequence's blocks in order,
-    so gathered position t is token position t."""
+    zero-copy from host memory; `block_tables` [B,MB] picks each sequence's blocks in order."""
 
-    def __init__(self, net: DeepseekForCausalLM):
+    def __init__(self, net: DeepseekForCausalLM, return_hidden: bool = False):
         super().__init__(auto_prefix=False)
         self.net = net
+        self.return_hidden = return_hidden
 
     def construct(self, ids, positions, logits_index, block_tables, past_mask, self_mask, *pools):
-        B, MB = block_tables.shape
-        caches = []
-        for pool in pools:
-            blocks = ops.gather(pool, block_tables, 0)                       # [B,MB,bs,D]
-            caches.append(blocks.reshape(B, MB * pool.shape[1], pool.shape[2]))
+        caches = [_gather_blocks(pool, block_tables) for pool in pools]
         hidden, latents, _ = self.net.cached(ids, positions, past_mask, self_mask, caches)
-        return self.net.head(_select_rows(hidden, logits_index)), ops.stack(latents, 0)
+        logits = self.net.head(_select_rows(hidden, logits_index))
+        if self.return_hidden:
+            return logits, ops.stack(latents, 0), hidden
+        return logits, ops.stack(latents, 0)
+
+
+class PagedMTPStep(nn.Cell):
+    """Engine graph for the MTP drafter (speculative decoding).
+
+    Entry i combines the main model's final hidden state at position p_i with the embedding
+    of the token at p_i + 1 and runs the MTP block over its own paged latent pool, so its
+    logits propose the token at p_i + 2. Returns the logits at `logits_index` and the MTP
+    latents [B,S,latent_dim] to store."""
+
+    def __init__(self, net: DeepseekForCausalLM, depth: int = 0):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.depth = depth
+
+    def construct(self, next_ids, hidden, positions, logits_index, block_tables, past_mask, self_mask, pool):
+        layer = self.net.mtp[self.depth]
+        x = layer.combine(self.net.embed(next_ids), hidden.astype(self.net.compute_dtype))
+        cos, sin = self.net.rotary(positions)
+        h, latent, _ = layer.block.cached(x, cos, sin, _gather_blocks(pool, block_tables), past_mask, self_mask)
+        return self.net.head(_select_rows(layer.shared_head_norm(h), logits_index)), latent
