@@ -17,6 +17,7 @@ that process should compile nothing else (the engine server does not).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -114,6 +115,14 @@ class ModelRunner:
                           self.speculative, ms.__version__], sort_keys=True, default=str)
         path = os.path.join(os.path.abspath(root), hashlib.sha256(key.encode()).hexdigest()[:16])
         os.makedirs(path, exist_ok=True)
+        # two processes writing one order-keyed cache would corrupt it: the first one owns it
+        self._lock_file = open(os.path.join(path, "lock"), "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("compile cache %s is in use by another process; compiling without it", path)
+            self._lock_file.close()
+            return
         manifest = os.path.join(path, "shapes.jsonl")
         entries = []
         if os.path.exists(manifest):
