@@ -1,44 +1,5 @@
 """Checkpoint file layer: pure-numpy safetensors reading/writing with BF16 and FP8 support."""
-from .safetensors_io import (
-    E4M3_LUT,
-    E5M2_LUT,
-    E8M0_LUT,
-    INDEX_FILE,
-    SAFETENSORS_DTYPES,
-    SCALE_INV_SUFFIX,
-    SINGLE_FILE,
-    CheckpointError,
-    CheckpointReader,
-    SafetensorsFile,
-    bf16_to_float32,
-    dequantize_fp8_blocks,
-    e4m3_to_float32,
-    e8m0_to_float32,
-    float32_to_bf16,
-    float32_to_e4m3,
-    float32_to_e8m0,
-    fp8_block_quantize,
-    write_safetensors,
-)
+from . import safetensors_io
+from .safetensors_io import *  # noqa: F401,F403 -- the public names are safetensors_io.__all__
 
-__all__ = [
-    "CheckpointError",
-    "SafetensorsFile",
-    "CheckpointReader",
-    "write_safetensors",
-    "fp8_block_quantize",
-    "dequantize_fp8_blocks",
-    "bf16_to_float32",
-    "float32_to_bf16",
-    "e4m3_to_float32",
-    "float32_to_e4m3",
-    "e8m0_to_float32",
-    "float32_to_e8m0",
-    "E4M3_LUT",
-    "E5M2_LUT",
-    "E8M0_LUT",
-    "SAFETENSORS_DTYPES",
-    "SCALE_INV_SUFFIX",
-    "INDEX_FILE",
-    "SINGLE_FILE",
-]
+__all__ = list(safetensors_io.__all__)
