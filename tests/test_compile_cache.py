@@ -49,3 +49,23 @@ def test_restart_reuses_compiled_graphs(tmp_path):
     assert third["outputs"] == second["outputs"]
     final = _manifest(tmp_path)
     assert final[:len(grown)] == grown and len(_cache_files(tmp_path)) == len(final)
+
+
+def test_engine_server_entry_point_uses_the_cache(tmp_path):
+    """`python -m deepseek_ms.serving.engine_server` is the entry script MindSpore hashes into
+    the cache key; a request through it must compile, answer and leave cache entries."""
+    from deepseek_ms.serving.engine_client import EngineClient
+    from helpers import fixture_dir
+    from serving_helpers import engine_ready, start_engine, stop, wait_until
+
+    address = f"unix:{tmp_path / 'engine.sock'}"
+    log = tmp_path / "engine.log"
+    proc = start_engine(str(fixture_dir("deepseek_v3_tiny")), address, log, "--compile-cache-dir", tmp_path / "graphs",
+                        "--max-num-seqs", 2)
+    try:
+        wait_until(lambda: engine_ready(address), proc, what="engine server", log_path=log)
+        out = EngineClient(address).generate([5, 6, 7, 8], {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True})
+        assert len(out["token_ids"]) == 3
+    finally:
+        assert stop(proc) == 0
+    assert _cache_files(tmp_path / "graphs") and len(_manifest(tmp_path / "graphs")) == len(_cache_files(tmp_path / "graphs"))

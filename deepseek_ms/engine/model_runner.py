@@ -105,9 +105,11 @@ class ModelRunner:
             logger.warning("compile cache skipped: graphs were already compiled in this process, so MindSpore's "
                            "order-keyed cache entries would not line up")
             return
-        if not os.path.isfile(sys.argv[0]):  # MindSpore hashes the entry script into the cache key
-            logger.warning("compile cache skipped: the entry script %r is not a file (python -c or interactive)",
-                           sys.argv[0])
+        try:  # MindSpore keys the cache on the entry script and its imports; some it cannot parse
+            from mindspore.graph.api import _get_compile_cache_dep_files
+            _get_compile_cache_dep_files()
+        except (OSError, ValueError, ImportError, SyntaxError) as e:
+            logger.warning("compile cache skipped: MindSpore cannot hash the entry script %r (%s)", sys.argv[0], e)
             return
         _CACHE_OWNER.append(self)
         cfg = self.model.config

@@ -45,10 +45,12 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from ..engine.async_engine import AsyncLLMEngine
-from ..engine.llm_engine import EngineConfig
-from ..engine.sampling import SamplingParams
-from .engine_client import MAX_MESSAGE_BYTES, encode, parse_address
+# absolute imports: this module is the entry script (python -m), whose imports MindSpore's
+# compile cache resolves without a package (relative ones make every compile fail)
+from deepseek_ms.engine.async_engine import AsyncLLMEngine
+from deepseek_ms.engine.llm_engine import EngineConfig
+from deepseek_ms.engine.sampling import SamplingParams
+from deepseek_ms.serving.engine_client import MAX_MESSAGE_BYTES, encode, parse_address
 
 logger = logging.getLogger(__name__)
 
