@@ -176,7 +176,7 @@ def test_malformed_instances_fail_alone_and_workers_survive(stack):
 
     rng = random.Random(1234)
     with ServingClient(stack["grpc"]) as client:
-        for i in range(110):
+        for i in range(200):
             method, instance, words = _malformed(rng)
             if i % 2:  # half over gRPC, where a JSON list is an array and b64 is bytes
                 instance = {k: np.array(v) if isinstance(v, list) else base64.b64decode(v["b64"])
