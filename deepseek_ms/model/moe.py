@@ -135,11 +135,59 @@ class RoutedExperts(nn.Cell):
     def construct(self, x, idx, weights):
         """x [N,H]; idx/weights [N,k] -> sum over chosen local experts of weight * expert(x)."""
         N = x.shape[0]
+        k = idx.shape[1]
         # Shapes are static, so the strategy is fixed per compiled graph: few tokens (decode)
-        # read only the chosen experts' weights; many tokens (prefill) run every local expert.
-        if N * idx.shape[1] < self.n_local_experts:
+        # read only the chosen experts' weights; more tokens go through per-expert slots.
+        if N * k < self.n_local_experts:
             return self._gathered(x, idx, weights)
+        capacity = self.capacity(N * k)
+        if self.training or capacity >= N:
+            return self._dense(x, idx, weights)
+        return self._slotted(x, idx, weights, capacity)
+
+    def capacity(self, n_pairs: int) -> int:
+        """Slots per expert for `n_pairs` (token, expert) choices: the mean load of a balanced
+        router plus four binomial standard deviations, so a load past it -- which falls back to
+        the exact dense path -- is rare; rounded up to a multiple of 8 for the matmuls."""
+        mean = n_pairs / self.n_routed_experts
+        return -(-int(mean + 4.0 * mean ** 0.5 + 1.0) // 8) * 8
+
+    def _slotted(self, x, idx, weights, capacity: int):
+        """Each local expert runs on `capacity` slots filled with the tokens that chose it: one
+        batched matmul per projection over [E, capacity] rows instead of [E, N] (dense),
+        reading the stacked weights in place. Exact whatever the load: when an expert got more
+        tokens than it has slots, the step doubles the slots, and past that takes the dense path."""
+        k = idx.shape[1]
+        N = x.shape[0]
+        E = self.n_local_experts
+        local = idx.reshape(-1) - self.first_expert                                 # [N*k]
+        owned = ops.logical_and(local >= 0, local < E)
+        local = ops.select(owned, local, ops.full_like(local, E))                   # other ranks' -> E
+        chosen = ops.one_hot(local, E + 1, ms.Tensor(1, ms.int32), ms.Tensor(0, ms.int32))  # [N*k,E+1]
+        rank = (ops.cumsum(chosen, 0) * chosen).sum(1) - 1                          # order within its expert
+        load = chosen.sum(0)[:E].max()
+        if load <= capacity:
+            return self._run_slots(x, weights, local, owned, rank, capacity)
+        if 2 * capacity < N:
+            if load <= 2 * capacity:
+                return self._run_slots(x, weights, local, owned, rank, 2 * capacity)
         return self._dense(x, idx, weights)
+
+    def _run_slots(self, x, weights, local, owned, rank, capacity: int):
+        N, H = x.shape
+        k = weights.shape[1]
+        dtype = x.dtype
+        trash = self.n_local_experts * capacity  # one extra slot that collects other ranks' choices
+        slot = ops.select(owned, local * capacity + rank, ops.full_like(local, trash))
+        token = ops.arange(N * k, dtype=ms.int32) // k
+        table = ops.scatter_nd(slot.reshape(-1, 1), token, (trash + 1,))[:trash]    # slot -> token
+        xs = ops.gather(x, table, 0).reshape(self.n_local_experts, capacity, H)    # empty slots: token 0
+        g = self.bmm_t(xs, self.gate_proj.astype(dtype))
+        u = self.bmm_t(xs, self.up_proj.astype(dtype))
+        y = self.bmm_t(ops.silu(g) * u, self.down_proj.astype(dtype)).reshape(trash, H)
+        y = ops.concat((y, ops.zeros((1, H), dtype)), 0)
+        w = (weights.reshape(-1) * owned.astype(weights.dtype)).reshape(N * k, 1).astype(dtype)
+        return (ops.gather(y, slot, 0) * w).reshape(N, k, H).sum(1)
 
     def _dense(self, x, idx, weights):
         """Every local expert sees every token, weighted 0 where not chosen: one batched matmul

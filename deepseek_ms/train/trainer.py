@@ -104,6 +104,7 @@ class Trainer:
 
         ms.set_seed(tc.seed)
         self.net = DeepseekForCausalLM(self.config, tc.seq_length)
+        self.net.set_train(True)  # training takes the dense expert path (no data-dependent branches)
         if self.rc.pretrained_model_dir and glob.glob(os.path.join(self.rc.pretrained_model_dir, "*.safetensors")):
             from ..checkpoint.hf_loader import load_hf_weights
             load_hf_weights(self.net, self.rc.pretrained_model_dir, progress=progress)  # fine-tuning
