@@ -94,14 +94,21 @@ def _collect(deltas, prompt_len: int) -> Dict[str, Any]:
             "completion_tokens": len(token_ids)}
 
 
-class EngineClient:
-    """Blocking client; one call at a time per instance (each call opens its own connection)."""
+class _Client:
+    """What both clients share: the parsed address and process-unique request ids."""
 
     def __init__(self, address: str):
         self.address = address
         self._family, self._target = parse_address(address)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def new_request_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+
+class EngineClient(_Client):
+    """Blocking client; one call at a time per instance (each call opens its own connection)."""
 
     def _connect(self, timeout: float) -> socket.socket:
         family = socket.AF_UNIX if self._family == "unix" else socket.AF_INET
@@ -142,7 +149,7 @@ class EngineClient:
 
     def stream(self, prompt_ids, params: Optional[Dict[str, Any]] = None,
                timeout: float = 600.0) -> Iterator[Dict[str, Any]]:
-        request_id = f"{self._prefix}-{next(self._ids)}"
+        request_id = self.new_request_id()
         replies = self._exchange(_generate_message(request_id, prompt_ids, params), timeout)
         try:
             for reply in replies:
@@ -167,18 +174,12 @@ class EngineClient:
         return {k: v for k, v in reply.items() if k not in ("id", "type")}
 
 
-class AsyncEngineClient:
+class AsyncEngineClient(_Client):
     """asyncio client for the HTTP front end; any number of concurrent calls."""
 
     def __init__(self, address: str):
-        self.address = address
-        self._family, self._target = parse_address(address)
-        self._ids = itertools.count()
-        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        super().__init__(address)
         self._writers: Dict[str, asyncio.StreamWriter] = {}
-
-    def new_request_id(self) -> str:
-        return f"{self._prefix}-{next(self._ids)}"
 
     async def _connect(self, timeout: float):
         try:
