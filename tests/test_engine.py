@@ -5,7 +5,7 @@ import pytest
 
 from deepseek_ms.engine.llm_engine import EngineConfig, LLMEngine
 from deepseek_ms.engine.sampling import SamplingParams
-from helpers import fixture_dir, load_fixture_model
+from helpers import fixture_dir, load_fixture_model, random_prompts, run_requests
 
 NAME = "deepseek_v3_tiny"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -20,29 +20,13 @@ def _engine(**kwargs):
 
 
 def _run(engine, prompts, params=GREEDY, ids=None):
-    ids = ids or [f"r{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, params)
-    final = {}
-    steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        steps += 1
-        assert steps < 10000
-    return [final[i].token_ids for i in ids]
-
-
-def _prompts(n, seed=0, lo=3, hi=40):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 512, rng.integers(lo, hi)).tolist() for _ in range(n)]
+    return run_requests(engine, prompts, params, ids)
 
 
 @pytest.fixture(scope="module")
 def target():
     """A 37-token prompt and its greedy continuation from the plain (non-engine) model API."""
-    prompt = _prompts(1, seed=42, lo=37, hi=38)[0]
+    prompt = random_prompts(1, seed=42, lo=37, hi=38)[0]
     ref = _model().generate(np.array([prompt]), max_new_tokens=GREEDY.max_tokens)[0, len(prompt):].tolist()
     return prompt, ref
 
@@ -54,7 +38,7 @@ def test_alone_matches_plain_generate(target):
 
 def test_among_seven_others_of_different_lengths(target):
     prompt, ref = target
-    others = _prompts(7, seed=1)
+    others = random_prompts(7, seed=1)
     out = _run(_engine(max_num_seqs=8), others[:3] + [prompt] + others[3:])
     assert out[3] == ref
 
@@ -63,7 +47,7 @@ def test_among_seven_others_of_different_lengths(target):
 def test_chunked_prefill_on_and_off(target, chunked):
     prompt, ref = target
     engine = _engine(max_num_batched_tokens=16, enable_chunked_prefill=chunked)
-    out = _run(engine, _prompts(3, seed=2) + [prompt])
+    out = _run(engine, random_prompts(3, seed=2) + [prompt])
     assert out[-1] == ref
 
 
@@ -87,18 +71,18 @@ def test_preemption_recomputes_and_matches(target):
     prompt, ref = target
     # 14 usable blocks of 8 tokens cannot hold four 37+12-token sequences at once
     engine = _engine(block_size=8, num_blocks=15, max_num_seqs=4)
-    out = _run(engine, [prompt] + _prompts(3, seed=3, lo=30, hi=40))
+    out = _run(engine, [prompt] + random_prompts(3, seed=3, lo=30, hi=40))
     assert engine.scheduler.num_preemptions > 0
     assert out[0] == ref
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_allocatable_blocks
 
 
 def test_seed_gives_same_output_whatever_the_batch():
-    prompt = _prompts(1, seed=5)[0]
+    prompt = random_prompts(1, seed=5)[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
     alone = _run(_engine(), [prompt], params)[0]
     engine = _engine()
-    others = _prompts(5, seed=6)
+    others = random_prompts(5, seed=6)
     mixed_params = [SamplingParams(temperature=0.7, seed=i, max_tokens=8, ignore_eos=True) for i in range(5)]
     for i, p in enumerate(others):
         engine.add_request(f"o{i}", p, mixed_params[i])
@@ -300,7 +284,7 @@ def test_async_streams_match_and_cancel_frees_blocks(target):
         return "refused"
 
     async def main():
-        results = await asyncio.gather(collect(prompt), *[collect(p) for p in _prompts(3, seed=9)],
+        results = await asyncio.gather(collect(prompt), *[collect(p) for p in random_prompts(3, seed=9)],
                                        cancel_early(prompt), invalid())
         return results
 

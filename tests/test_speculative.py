@@ -6,7 +6,7 @@ import pytest
 
 from deepseek_ms.engine.llm_engine import EngineConfig, LLMEngine
 from deepseek_ms.engine.sampling import SamplingParams
-from helpers import load_fixture_model
+from helpers import load_fixture_model, random_prompts, run_requests
 
 NAME = "deepseek_v3_tiny"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -17,23 +17,10 @@ def _model():
 
 
 def _run(engine, prompts, params=GREEDY):
-    ids = [f"r{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, params)
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.token_ids
-    return [final[i] for i in ids]
+    return run_requests(engine, prompts, params)
 
 
-def _prompts(n, seed, lo=3, hi=40):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 512, rng.integers(lo, hi)).tolist() for _ in range(n)]
-
-
-PROMPTS = _prompts(4, seed=11)
+PROMPTS = random_prompts(4, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +95,7 @@ def test_always_wrong_drafts_change_nothing(reference):
 def test_chunked_prefill_and_preemption_with_speculation():
     # small token budget: prompts run in chunks (the MTP cache is filled chunk by chunk), and a
     # tight pool forces preemption (drafts are dropped and recomputed)
-    prompts = _prompts(4, seed=12, lo=30, hi=40)
+    prompts = random_prompts(4, seed=12, lo=30, hi=40)
     plain = _run(LLMEngine(_model(), None, EngineConfig(max_num_seqs=4)), prompts)
     engine = _spec_engine(block_size=8, num_blocks=15, max_num_batched_tokens=16)
     assert _run(engine, prompts) == plain
