@@ -101,6 +101,12 @@ class ModelRunner:
         return step(*[self._T(a) for a in args], *pools)
 
     def _warm_up(self, ms, root: str, num_blocks: int, first_user: bool) -> None:
+        if not self.model.layout.is_single:
+            # the warm-up runs steps, whose collectives hang unless every rank replays the same
+            # shapes in the same order -- which per-rank caches cannot guarantee
+            logger.warning("compile cache skipped: it is single-process only (this model runs on %d ranks)",
+                           self.model.layout.world_size)
+            return
         if not first_user or _CACHE_OWNER:
             logger.warning("compile cache skipped: graphs were already compiled in this process, so MindSpore's "
                            "order-keyed cache entries would not line up")

@@ -12,12 +12,18 @@ token ids, positions, block tables) before making it, and the followers replay t
     # other ranks return from lockstep() once rank 0 calls release(engine)
 
 The channel is MindSpore's Broadcast (it runs on CPU as well as on devices): a length, then
-the pickled call as int32 words.
+the pickled call as int32 words. On CPU ranks a follower waiting in Broadcast spins a whole
+core and gives up after about 30 s ("CollectiveWait failed"); the root's sends, though, are
+buffered at the receivers. So an idle rank 0 sends a no-op every KEEPALIVE_SECONDS
+(`BroadcastingRunner.keep_alive`, called by AsyncLLMEngine while idle), and a follower sleeps
+until the next one is due instead of spinning: idle ranks cost almost no CPU, and the first
+call after an idle spell reaches the followers at most KEEPALIVE_SECONDS late.
 """
 from __future__ import annotations
 
 import logging
 import pickle
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -25,6 +31,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _STOP = "__stop__"
+_NOOP = "__noop__"
+KEEPALIVE_SECONDS = 0.25  # an idle rank 0's no-op period (and the followers' extra latency after idling)
 
 
 class BroadcastChannel:
@@ -61,6 +69,16 @@ class BroadcastingRunner:
 
     def __init__(self, runner, channel: BroadcastChannel):
         self._runner, self._channel = runner, channel
+        self._last_send = time.monotonic()
+
+    def _send(self, name: str, args=(), kwargs=None) -> None:
+        self._channel.send((name, args, kwargs or {}))
+        self._last_send = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Call often while idle: every KEEPALIVE_SECONDS a no-op (with its send time) goes out."""
+        if time.monotonic() - self._last_send >= KEEPALIVE_SECONDS:
+            self._send(_NOOP, (time.time(),))
 
     def __getattr__(self, name):
         attr = getattr(self._runner, name)
@@ -68,7 +86,7 @@ class BroadcastingRunner:
             return attr
 
         def call(*args, **kwargs):
-            self._channel.send((name, args, kwargs))
+            self._send(name, args, kwargs)
             return attr(*args, **kwargs)
         return call
 
@@ -80,6 +98,11 @@ def follow(runner, channel: BroadcastChannel) -> int:
         name, args, kwargs = channel.recv()
         if name == _STOP:
             return calls
+        if name == _NOOP:
+            # rank 0 is idle: sleep until its next no-op is due (what it sends meanwhile waits in
+            # the buffer); a no-op that is already old -- a backlog -- means no sleep
+            time.sleep(min(KEEPALIVE_SECONDS, max(0.0, args[0] + KEEPALIVE_SECONDS - time.time())))
+            continue
         getattr(runner, name)(*args, **kwargs)
         calls += 1
 
@@ -108,5 +131,5 @@ def release(engine) -> None:
     """Rank 0: let the followers' `lockstep()` return."""
     runner = engine.runner
     if isinstance(runner, BroadcastingRunner):
-        runner._channel.send((_STOP, (), {}))
+        runner._send(_STOP)
         engine.runner = runner._runner

@@ -18,7 +18,8 @@ server -> client
      "logprobs": null | [[token_id, logprob, [[top_id, logprob], ...]], ...]}   (one per step)
     {"type": "health", "id": ID, "ok": bool, "shutting_down": bool, "model": str,
      "max_model_len": int, "vocab_size": int, "eos_token_id": int | null, "max_num_seqs": int, "max_queue": int,
-     "num_active": int, "stats": {LLMEngine.stats()}, "stats_age": seconds}   (stats may be a snapshot
+     "num_active": int, "world_size": int, "pid": int,
+     "stats": {LLMEngine.stats()}, "stats_age": seconds}   (stats may be a snapshot
      taken before the current step when that step is long, e.g. compiling)
     {"type": "error", "id": ID, "code": "invalid_request" | "overloaded" | "shutting_down" | "internal",
      "message": str}                                                          (ends that request)
@@ -28,6 +29,13 @@ connection cancels its unfinished requests and frees their cache blocks. A reque
 refused as "overloaded" when max_num_seqs + max_queue requests are already in flight.
 SIGTERM / SIGINT: new requests are refused with "shutting_down", requests in flight
 finish, then the process exits.
+
+Tensor parallel: with `--parallel-config '{model_parallel: 2}'` under msrun (entry script
+scripts/engine_server.py; msrun runs a script file, not `-m`), every rank loads its shard and
+builds the same engine; rank 0 serves the socket and broadcasts each runner call, the other
+ranks replay them (deepseek_ms/parallel/lockstep.py) and exit when rank 0 exits. Signal
+rank 0 (health reports its "pid" and the "world_size"), never msrun: msrun answers SIGINT by
+killing every worker and SIGTERM by dying alone.
 """
 from __future__ import annotations
 
@@ -192,8 +200,8 @@ class EngineServer:
                 "shutting_down": self.shutting_down, "model": self.model_name,
                 "max_model_len": core.max_model_len, "vocab_size": core.model.config.vocab_size,
                 "eos_token_id": core.eos_token_id, "max_num_seqs": core.config.max_num_seqs,
-                "max_queue": self.max_queue,
-                "num_active": self.num_active, "stats": stats, "stats_age": age}
+                "max_queue": self.max_queue, "num_active": self.num_active,
+                "world_size": core.model.layout.world_size, "pid": os.getpid(), "stats": stats, "stats_age": age}
 
     def _check(self, message: Dict[str, Any]):
         """(prompt ids, SamplingParams) of a generate message, or ValueError naming the problem."""
@@ -283,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name reported by health (default: folder name)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests allowed to wait beyond max_num_seqs before 'overloaded'")
+    p.add_argument("--parallel-config", type=_value, default=None,
+                   help="mindformers parallel_config as YAML/JSON, e.g. '{model_parallel: 2}' (run under msrun)")
     engine = p.add_argument_group("engine (EngineConfig fields)")
     for f in dataclasses.fields(EngineConfig):
         engine.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_value, default=f.default)
@@ -294,25 +304,41 @@ def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
-async def _main(args) -> int:
-    from ..llm import LLM
-
-    config = engine_config_from_args(args)
-    config.validate()
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    parse_address(args.address)
-    llm = LLM(args.model, progress=False, **dataclasses.asdict(config))
+async def _serve(args, llm) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     server = EngineServer(AsyncLLMEngine(llm.engine), name, args.max_queue)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.begin_shutdown)
-    await server.start(args.address)
-    while not server.shutting_down:
-        await asyncio.sleep(0.1)
-    await server.wait_drained_and_close()
+    try:
+        await server.start(args.address)
+        while not server.shutting_down:
+            await asyncio.sleep(0.1)
+        await server.wait_drained_and_close()
+    finally:
+        server.engine.shutdown()  # no engine step may broadcast after this
     return 0
+
+
+def _run(args) -> int:
+    from deepseek_ms.llm import LLM
+    from deepseek_ms.parallel.lockstep import lockstep, release
+
+    config = engine_config_from_args(args)
+    config.validate()
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.parallel_config is not None and not isinstance(args.parallel_config, dict):
+        raise ValueError(f"--parallel-config must be a mapping such as '{{model_parallel: 2}}', "
+                         f"got {args.parallel_config!r}")
+    parse_address(args.address)
+    llm = LLM(args.model, progress=False, parallel_config=args.parallel_config, **dataclasses.asdict(config))
+    if not lockstep(llm.engine):  # a follower rank: it replayed rank 0's steps until rank 0 exited
+        return 0
+    try:
+        return asyncio.run(_serve(args, llm))
+    finally:
+        release(llm.engine)  # lets the followers' lockstep() return, so they exit too
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -320,7 +346,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s engine-server: %(message)s")
     try:
-        return asyncio.run(_main(args))
+        return _run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         logger.error("%s", e)
         return 2

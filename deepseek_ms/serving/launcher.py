@@ -6,11 +6,18 @@ context length (seq_length) come from `model.model_config`, as in mindformers. E
 a child process in its own session, so a Ctrl+C reaches only this launcher, which then stops
 them in order: first the front ends (they refuse new requests and finish the ones in flight),
 then the engine server (which finishes whatever is left), each with SIGTERM.
+
+With `use_parallel: True` and a `parallel_config` of several ranks, the engine server runs
+under msrun (scripts/engine_server.py on every local rank, in lockstep; msrun's logs go to
+the run directory, and its worker output to this console). It is stopped through rank 0,
+which drains and then releases the other ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -26,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import ConfigError
+from ..config import ConfigError, ParallelConfig
 from ..engine.llm_engine import EngineConfig
 from ..yaml_config import load_yaml_config, read_yaml_dict
 from .engine_client import EngineClient, EngineError, parse_address
@@ -36,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MS_SERVING_MODULE = "deepseek_ms.serving.ms_serving"
+ENGINE_SCRIPT = os.path.join(PACKAGE_ROOT, "scripts", "engine_server.py")  # msrun runs script files only
 
 
 @dataclass
@@ -55,6 +63,7 @@ class ServeSettings:
     grpc_port: int = 5500
     rest_port: int = 1500
     workers: Optional[int] = None                # None: the engine's max_num_seqs
+    parallel: Optional[Dict[str, int]] = None    # parallel_config when use_parallel asks for several ranks
 
 
 _SECTIONS = {
@@ -100,6 +109,8 @@ def load_settings(config_path: str, model: Optional[str], overrides: Mapping[str
                 engine[key] = value
             else:
                 raise ConfigError(f"{src}: unknown key '{where}'")
+    if rc.use_parallel and rc.parallel.world_size > 1:
+        values["parallel"] = dataclasses.asdict(rc.parallel)
     settings = ServeSettings(engine=engine, **values)
     _check(settings, src)
     return settings
@@ -124,6 +135,10 @@ def _check(s: ServeSettings, src: str) -> None:
         raise ConfigError(f"{src}: serve.ms_serving.workers must be in 1..64, got {s.workers!r}")
     if not isinstance(s.ms_serving, bool):
         raise ConfigError(f"{src}: serve.ms_serving.enabled must be true or false, got {s.ms_serving!r}")
+    if s.parallel and (s.parallel["data_parallel"] > 1 or s.parallel["pipeline_stage"] > 1):
+        raise ConfigError(f"{src}: parallel_config: serving runs one engine over tensor/expert-parallel ranks; "
+                          f"data_parallel and pipeline_stage must be 1, got {s.parallel['data_parallel']} and "
+                          f"{s.parallel['pipeline_stage']}")
     if s.engine_address is not None:
         try:
             parse_address(s.engine_address)
@@ -141,21 +156,42 @@ class Service:
     def __init__(self, settings: ServeSettings):
         self.s = settings
         self.children: Dict[str, subprocess.Popen] = {}
-        self._tmp: Optional[str] = None
         self.model_dir = ensure_text_model(settings.model)
         self.model_name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model))
-        if settings.engine_address is None:
-            self._tmp = tempfile.mkdtemp(prefix="deepseek-ms-")
-            self.engine_address = f"unix:{os.path.join(self._tmp, 'engine.sock')}"
-        else:
-            self.engine_address = settings.engine_address
+        self._tmp = tempfile.mkdtemp(prefix="deepseek-ms-")  # the run directory
+        self.engine_address = settings.engine_address or f"unix:{os.path.join(self._tmp, 'engine.sock')}"
+        self.msrun_log_dir = os.path.join(self._tmp, "msrun_log") if settings.parallel else None
+        self.engine_pid: Optional[int] = None    # rank 0 under msrun: the process to signal
+        self.engine_world_size = 1
 
     def _spawn(self, name: str, module: str, args: List[str]) -> None:
+        self._popen(name, [sys.executable, "-m", module] + args)
+
+    def _popen(self, name: str, cmd: List[str], path: Optional[str] = None) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", module] + args
+        if path is not None:
+            env["PATH"] = path
         logger.info("starting %s: %s", name, " ".join(cmd))
         self.children[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _spawn_msrun(self, args: List[str]) -> None:
+        """The engine server on every rank of the parallel layout, all local."""
+        # msrun starts each rank as `python` from PATH: this interpreter's bin goes first
+        path = os.pathsep.join(p for p in (os.path.dirname(sys.executable), os.environ.get("PATH")) if p)
+        msrun = shutil.which("msrun", path=path)
+        if msrun is None:
+            raise RuntimeError(f"tensor-parallel serving needs MindSpore's msrun, which is neither in "
+                               f"{os.path.dirname(sys.executable)} nor on PATH")
+        if not os.path.isfile(ENGINE_SCRIPT):
+            raise RuntimeError(f"tensor-parallel serving runs {ENGINE_SCRIPT} under msrun, and it is missing "
+                               f"(install the package from its repository checkout: make setup)")
+        ranks = ParallelConfig(**self.s.parallel).world_size
+        cmd = [msrun, f"--worker_num={ranks}", f"--local_worker_num={ranks}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", f"--log_dir={self.msrun_log_dir}", "--join=True",
+               f"--cluster_time_out={int(self.s.startup_timeout)}", ENGINE_SCRIPT, *args,
+               "--parallel-config", json.dumps(self.s.parallel)]
+        self._popen("engine server", cmd, path)
 
     def _wait(self, name: str, ready, deadline: float, cancel: threading.Event) -> None:
         proc = self.children[name]
@@ -182,9 +218,18 @@ class Service:
                        self.model_name, "--max-queue", str(s.max_queue)]
         for key, value in s.engine.items():
             engine_args += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
-        self._spawn("engine server", "deepseek_ms.serving.engine_server", engine_args)
+        if s.parallel:
+            self._spawn_msrun(engine_args)
+        else:
+            self._spawn("engine server", "deepseek_ms.serving.engine_server", engine_args)
         client = EngineClient(self.engine_address)
         self._wait("engine server", lambda: _engine_ok(client), deadline, cancel)
+        health = client.health(timeout=30.0)
+        self.engine_world_size = health["world_size"]
+        if s.parallel:
+            self.engine_pid = health["pid"]
+            logger.info("engine server runs on %d ranks (rank 0 is pid %d)", self.engine_world_size,
+                        self.engine_pid)
 
         api_args = ["--model", self.model_dir, "--engine-address", self.engine_address, "--served-model-name",
                     self.model_name, "--host", s.host, "--port", str(s.openai_port),
@@ -224,7 +269,10 @@ class Service:
                       f"[{{\"prompt\": \"Hello\", \"max_tokens\": 32, \"temperature\": 0.0, \"top_p\": 1.0}}]}}'",
                       f"MindSpore Serving gRPC  {host}:{s.grpc_port}",
                       f"  deepseek-ms client --address {host}:{s.grpc_port} generate --prompt Hello --max-tokens 32"]
-        lines += [f"engine server  {self.engine_address}", "", "Ctrl+C stops everything (requests in flight finish first)."]
+        lines += [f"engine server  {self.engine_address}"]
+        if self.msrun_log_dir:
+            lines += [f"engine ranks   {self.engine_world_size} under msrun (logs: {self.msrun_log_dir})"]
+        lines += ["", "Ctrl+C stops everything (requests in flight finish first)."]
         return "\n".join(lines)
 
     def failed_child(self) -> Optional[str]:
@@ -242,18 +290,41 @@ class Service:
             for name, proc in procs:
                 if proc.poll() is None:
                     logger.info("stopping %s", name)
-                    proc.send_signal(signal.SIGTERM)
+                    self._terminate(name, proc)
             for name, proc in procs:
                 try:
                     proc.wait(self.s.drain_timeout + 30)
                 except subprocess.TimeoutExpired:
                     logger.error("%s did not stop in time; killing it", name)
-                    proc.kill()
-                    proc.wait()
+                    self._kill(name, proc)
                 worst = max(worst, abs(proc.returncode or 0))
-        if self._tmp:
+        if worst and self.msrun_log_dir and os.path.isdir(self.msrun_log_dir):
+            logger.error("msrun logs kept in %s", self.msrun_log_dir)
+        else:
             shutil.rmtree(self._tmp, ignore_errors=True)
         return worst
+
+    def _under_msrun(self, name: str) -> bool:
+        return name == "engine server" and self.msrun_log_dir is not None
+
+    def _terminate(self, name: str, proc: subprocess.Popen) -> None:
+        if not self._under_msrun(name):
+            proc.send_signal(signal.SIGTERM)
+        elif self.engine_pid is not None:
+            # rank 0 drains, then releases the other ranks; msrun exits once they all have
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.engine_pid, signal.SIGTERM)
+        else:  # not serving yet: msrun answers SIGINT by killing its workers (SIGTERM would orphan them)
+            proc.send_signal(signal.SIGINT)
+
+    def _kill(self, name: str, proc: subprocess.Popen) -> None:
+        if self._under_msrun(name):
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+                return
+        proc.kill()
+        proc.wait()
 
 
 def _engine_ok(client: EngineClient) -> bool:
@@ -269,6 +340,12 @@ def _http_ok(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _port_free(host: str, port: int) -> bool:
