@@ -152,17 +152,21 @@ class RoutedExperts(nn.Cell):
         mean = n_pairs / self.n_routed_experts
         return -(-int(mean + 4.0 * mean ** 0.5 + 1.0) // 8) * 8
 
+    def _local_ids(self, idx, fill: int):
+        """idx [N,k] global expert ids -> (this rank's expert index per choice [N*k], with `fill`
+        where another expert-parallel rank owns the expert; whether this rank owns it [N*k])."""
+        local = idx.reshape(-1) - self.first_expert
+        owned = ops.logical_and(local >= 0, local < self.n_local_experts)
+        return ops.select(owned, local, ops.full_like(local, fill)), owned
+
     def _slotted(self, x, idx, weights, capacity: int):
         """Each local expert runs on `capacity` slots filled with the tokens that chose it: one
         batched matmul per projection over [E, capacity] rows instead of [E, N] (dense),
         reading the stacked weights in place. Exact whatever the load: when an expert got more
         tokens than it has slots, the step doubles the slots, and past that takes the dense path."""
-        k = idx.shape[1]
         N = x.shape[0]
         E = self.n_local_experts
-        local = idx.reshape(-1) - self.first_expert                                 # [N*k]
-        owned = ops.logical_and(local >= 0, local < E)
-        local = ops.select(owned, local, ops.full_like(local, E))                   # other ranks' -> E
+        local, owned = self._local_ids(idx, E)                                      # other ranks' -> E
         chosen = ops.one_hot(local, E + 1, ms.Tensor(1, ms.int32), ms.Tensor(0, ms.int32))  # [N*k,E+1]
         rank = (ops.cumsum(chosen, 0) * chosen).sum(1) - 1                          # order within its expert
         load = chosen.sum(0)[:E].max()
@@ -210,14 +214,12 @@ class RoutedExperts(nn.Cell):
         N, H = x.shape
         k = idx.shape[1]
         dtype = x.dtype
-        local = idx - self.first_expert
-        owned = ops.logical_and(local >= 0, local < self.n_local_experts)
-        local = ops.select(owned, local, ops.zeros_like(local)).reshape(-1)
+        local, owned = self._local_ids(idx, 0)
         xr = ops.broadcast_to(x.expand_dims(1), (N, k, H)).reshape(N * k, 1, H)
         g = self.bmm_t(xr, ops.gather(self.gate_proj, local, 0).astype(dtype))       # [Nk,1,I]
         u = self.bmm_t(xr, ops.gather(self.up_proj, local, 0).astype(dtype))
         y = self.bmm_t(ops.silu(g) * u, ops.gather(self.down_proj, local, 0).astype(dtype))  # [Nk,1,H]
-        w = (weights * owned.astype(weights.dtype)).reshape(N * k, 1, 1).astype(dtype)
+        w = (weights.reshape(-1) * owned.astype(weights.dtype)).reshape(N * k, 1, 1).astype(dtype)
         return (y * w).reshape(N, k, H).sum(1)
 
 
