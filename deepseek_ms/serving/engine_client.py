@@ -106,6 +106,14 @@ class _Client:
     def new_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
+    def _reply(self, line: bytes) -> Dict[str, Any]:
+        """One line from the engine -> its message; an error message raises its EngineError."""
+        if not line:
+            raise EngineUnavailableError(f"the engine at {self.address} closed the connection")
+        reply = json.loads(line)
+        _raise_for(reply)
+        return reply
+
 
 class EngineClient(_Client):
     """Blocking client; one call at a time per instance (each call opens its own connection)."""
@@ -139,11 +147,7 @@ class EngineClient(_Client):
                     raise EngineTimeoutError(f"engine request timed out after {timeout:g} s") from None
                 except OSError as e:
                     raise EngineUnavailableError(f"lost the connection to the engine at {self.address}: {e}") from None
-                if not line:
-                    raise EngineUnavailableError(f"the engine at {self.address} closed the connection")
-                reply = json.loads(line)
-                _raise_for(reply)
-                yield reply
+                yield self._reply(line)
         finally:
             sock.close()
 
@@ -199,11 +203,7 @@ class AsyncEngineClient(_Client):
             raise EngineTimeoutError(f"engine request timed out after {timeout:g} s") from None
         except (OSError, ValueError) as e:
             raise EngineUnavailableError(f"lost the connection to the engine at {self.address}: {e}") from None
-        if not line:
-            raise EngineUnavailableError(f"the engine at {self.address} closed the connection")
-        reply = json.loads(line)
-        _raise_for(reply)
-        return reply
+        return self._reply(line)
 
     async def stream(self, prompt_ids, params: Optional[Dict[str, Any]] = None, timeout: float = 600.0,
                      request_id: Optional[str] = None) -> AsyncIterator[Dict[str, Any]]:
