@@ -109,10 +109,7 @@ class AsyncLLMEngine:
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(0.05)
                 self._wake.clear()
-                # a lockstep runner (parallel/lockstep.py) pings its follower ranks while idle
-                keep_alive = getattr(self.engine.runner, "keep_alive", None)
-                if keep_alive is not None:
-                    keep_alive()
+                self.engine.runner.keep_alive()
                 continue
             try:
                 outputs = self.engine.step()

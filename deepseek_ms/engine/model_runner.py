@@ -145,6 +145,10 @@ class ModelRunner:
         self.warmup_seconds = time.perf_counter() - start
         logger.info("compile cache %s: %d graphs warmed up in %.1f s", path, len(entries), self.warmup_seconds)
 
+    def keep_alive(self) -> None:
+        """Called while the engine is idle. Nothing to do here; rank 0's lockstep runner
+        (parallel/lockstep.py) overrides it to ping the follower ranks."""
+
     @property
     def cache_bytes(self) -> int:
         return sum(p.nbytes for p in self.pools) + (self.mtp_pool.nbytes if self.speculative else 0)
