@@ -1,9 +1,14 @@
 """Shared test utilities: fixture paths and a per-session cache of loaded models
 (building and compiling a model costs seconds, so each fixture is loaded once)."""
 import functools
+import importlib.util
+import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
@@ -37,3 +42,43 @@ def run_requests(engine, prompts, params, ids=None):
 def random_prompts(n, seed=0, lo=3, hi=40, vocab=512):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+_MINDFORMERS_SCRIPT = r"""
+import json, sys
+from mindformers.tools.register import MindFormerConfig
+from mindformers.models.build_config import merge_model_config
+
+def plain(x):
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+out = []
+for job in json.loads(sys.argv[1]):
+    cfg = MindFormerConfig(job["path"])
+    if job.get("overrides"):
+        cfg.merge_from_dict(job["overrides"])
+    d = plain(cfg)
+    mc = d.get("model", {}).get("model_config", {})
+    d["merged"] = merge_model_config(job["merge_dir"], dict(mc)) if job.get("merge_dir") else None
+    out.append(d)
+print("@@MF@@" + json.dumps(out, default=str))
+"""
+
+
+def load_in_mindformers(jobs, cwd):
+    """Load YAML files with mindformers' own MindFormerConfig, in one subprocess run in `cwd`
+    (importing mindformers costs seconds and writes ./output/log). Each job is {"path"} plus
+    optional "overrides" (merge_from_dict) and "merge_dir" (merge_model_config with that
+    folder). Returns, per job, the whole config as plain data, with the merged model_config
+    under "merged" (None without a merge_dir). Skips the test when mindformers is missing."""
+    if importlib.util.find_spec("mindformers") is None:
+        pytest.skip("mindformers is not installed (it comes with the test extra: pip install -e '.[test]')")
+    proc = subprocess.run([sys.executable, "-c", _MINDFORMERS_SCRIPT, json.dumps(jobs)], cwd=str(cwd),
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@MF@@")]
+    assert proc.returncode == 0 and lines, f"MindFormerConfig failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("@@MF@@"):])

@@ -4,11 +4,7 @@ One tiny model is trained once per module (the compile dominates the cost); its 
 the committed held-out sample of the real corpus, with a 512-piece tokenizer trained on it.
 """
 import dataclasses
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +12,7 @@ import yaml
 
 from deepseek_ms.config import ConfigError, DeepseekConfig
 from deepseek_ms.train.config import load_train_config
+from helpers import load_in_mindformers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO_ROOT, "tests", "fixtures", "corpus", "heldout.txt")
@@ -206,28 +203,8 @@ def test_train_tiny_yaml_parses():
     assert tc.steps > 0 and tc.mtp_loss_weight > 0 and tc.bias_update_rate > 0 and tc.do_eval
 
 
-_MF_SCRIPT = r"""
-import json, sys
-from mindformers.tools.register import MindFormerConfig
-cfg = MindFormerConfig(sys.argv[1])
-def plain(x):
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    return x
-print("@@MF@@" + json.dumps(plain(cfg), default=str))
-"""
-
-
 def test_train_yaml_loads_unchanged_in_mindformers(tmp_path):
-    if importlib.util.find_spec("mindformers") is None:
-        pytest.skip("mindformers is not installed (it comes with the test extra)")
-    proc = subprocess.run([sys.executable, "-c", _MF_SCRIPT, TRAIN_TINY], cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@MF@@")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    mf = json.loads(lines[-1][len("@@MF@@"):])
+    mf, = load_in_mindformers([{"path": TRAIN_TINY}], tmp_path)
     rc, tc = load_train_config(TRAIN_TINY)
     assert mf["run_mode"] == "train"
     assert mf["runner_config"]["batch_size"] == tc.batch_size

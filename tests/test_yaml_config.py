@@ -1,6 +1,5 @@
 """deepseek_ms.yaml_config: mindformers-style YAML -> RunConfig, and interop with mindformers."""
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import yaml
 
 from deepseek_ms.config import ConfigError, DeepseekConfig, ParallelConfig
 from deepseek_ms.yaml_config import RunConfig, load_yaml_config, parse_cli_overrides
+from helpers import load_in_mindformers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_DIR = os.path.join(REPO_ROOT, "yaml")
@@ -491,40 +491,9 @@ def test_run_config_is_frozen():
 # interop: the same files in mindformers' MindFormerConfig
 # ---------------------------------------------------------------------------------------------
 
-_MF_SCRIPT = r"""
-import json, sys
-from mindformers.tools.register import MindFormerConfig
-from mindformers.models.build_config import merge_model_config
-
-def plain(x):
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    return x
-
-jobs = json.loads(sys.argv[1])
-out = []
-for job in jobs:
-    cfg = MindFormerConfig(job["path"])
-    if job.get("overrides"):
-        cfg.merge_from_dict(job["overrides"])
-    d = plain(cfg)
-    mc = d.get("model", {}).get("model_config", {})
-    merged = merge_model_config(job["merge_dir"], dict(mc)) if job.get("merge_dir") else None
-    out.append({"parallel_config": d.get("parallel_config"), "model_config": mc, "merged": merged,
-                "context": d.get("context"), "run_mode": d.get("run_mode"), "seed": d.get("seed"),
-                "use_parallel": d.get("use_parallel"), "pretrained_model_dir": d.get("pretrained_model_dir"),
-                "load_checkpoint": d.get("load_checkpoint"), "serve": d.get("serve")})
-print("@@MF@@" + json.dumps(out, default=str))
-"""
-
-
 @pytest.fixture(scope="module")
 def interop(tmp_path_factory):
     """Load every shipped YAML (plus override / base_config cases) in MindFormerConfig, once."""
-    if importlib.util.find_spec("mindformers") is None:
-        pytest.skip("mindformers is not installed (it comes with the test extra: pip install -e '.[test]')")
     work = tmp_path_factory.mktemp("mf_interop")
     cwd = work / "cwd"  # mindformers writes ./output/log on import: keep it in a temp dir
     cwd.mkdir()
@@ -548,11 +517,10 @@ def interop(tmp_path_factory):
                                              "serve": {"port": 8500}})
     jobs.append({"name": "base_config", "path": child, "overrides": None})
 
-    proc = subprocess.run([sys.executable, "-c", _MF_SCRIPT, json.dumps(jobs)], cwd=str(cwd),
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@MF@@")]
-    assert proc.returncode == 0 and lines, f"MindFormerConfig failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.loads(lines[-1][len("@@MF@@"):])
+    keys = ("parallel_config", "context", "run_mode", "seed", "use_parallel", "pretrained_model_dir",
+            "load_checkpoint", "serve", "merged")
+    results = [dict({k: d.get(k) for k in keys}, model_config=d.get("model", {}).get("model_config", {}))
+               for d in load_in_mindformers(jobs, cwd)]
     return {job["name"]: (job, res) for job, res in zip(jobs, results)}
 
 
