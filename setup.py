@@ -54,5 +54,6 @@ setup(
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["deepseek-ms = deepseek_ms.cli:main"]},
     include_package_data=False,
+    package_data={"deepseek_ms.kernels": ["*.cc"]},
     zip_safe=False,
 )

@@ -41,6 +41,24 @@ def check_compute_dtype(dtype_name: str) -> None:
                          "use 'float32'")
 
 
+KERNEL_CHOICES = ("auto", "mindspore")
+
+
+def native_kernels(choice: str = "auto"):
+    """The native kernels model Cells swap in for some MindSpore ops, or None.
+
+    "auto": on CPU, the AOT kernels of deepseek_ms.kernels.cpu (built on first use; None
+    when no compiler works); on GPU/Ascend, None -- MindSpore's device kernels serve there.
+    "mindspore": None, i.e. MindSpore's ops everywhere (the reference the kernels are
+    tested against)."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if choice == "mindspore" or device_target() != "CPU":
+        return None
+    from .kernels import cpu
+    return cpu.load()
+
+
 def comm_group(group: Optional[str]) -> str:
     """A group name for MindSpore's collectives; None is the world group."""
     from mindspore.communication import GlobalComm

@@ -1,0 +1,128 @@
+"""Build and load the CPU kernels (cpu_kernels.cc) as MindSpore AOT custom ops.
+
+MindSpore's CPU MatMul is slow for the few-row products of decode, and a static graph can
+only run routed experts densely, over padded slots, or after copying the chosen experts'
+weights. The two kernels here read weights in place: `linear` (y = x W^T for few rows) and
+`moe_experts` (exact routed SwiGLU experts for any number of tokens).
+
+The library is compiled once per source and compiler with `-march=native` (it runs where
+it is built) into the user cache, written atomically so concurrent ranks can race safely.
+When no compiler works, `load()` returns None and the model keeps MindSpore's ops.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c++14"]
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "deepseek_ms", "kernels")
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build(compiler: Optional[str] = None, out_dir: Optional[str] = None) -> str:
+    """Compile cpu_kernels.cc (if this source + compiler has not been built yet) and return
+    the library's path. Raises RuntimeError with the compiler's output when it fails."""
+    compiler = compiler or _compiler()
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"C++ compiler {compiler!r} does not run: {e}") from e
+    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    path = os.path.join(out_dir, f"cpu_kernels-{key}.so")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE} with {compiler} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built CPU kernels %s", path)
+    return path
+
+
+def _mla_out_shape(q, new, cache, past_mask, self_mask, kv_b, scale):
+    B, S, heads, qk_head_dim = q
+    rope_dim = new[2] - kv_b[1]                    # latent = kv_lora_rank + rope dims
+    v_head_dim = kv_b[0] // heads - (qk_head_dim - rope_dim)
+    return [B, S, heads * v_head_dim]
+
+
+class CpuKernels:
+    """Factories for the custom ops; each Cell makes its own primitive instances."""
+
+    def __init__(self, library: str):
+        self.library = library
+
+    def linear(self):
+        """(x [..., K], w [N, K]) -> x W^T [..., N], float32."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_linear", out_shape=lambda x, w: x[:-1] + [w[0]],
+                          out_dtype=lambda x, w: x, func_type="aot")
+
+    def rms_norm(self):
+        """(x [..., W], weight [D], eps [1]) -> x with its first D columns RMS-normalised."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_rms_norm", out_shape=lambda x, w, e: x,
+                          out_dtype=lambda x, w, e: x, func_type="aot")
+
+    def rope(self):
+        """(x [B,S,(heads,)W], cos [B,S,h], sin [B,S,h]) -> x with DeepSeek's interleaved
+        rotary embedding applied to its last 2h columns."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_rope", out_shape=lambda x, c, s: x,
+                          out_dtype=lambda x, c, s: x, func_type="aot")
+
+    def mla_decode(self):
+        """Absorbed MLA for a few new tokens: (q [B,S,nh,dn+dr], new latents [B,S,L], cache
+        [B,T,L], past_mask [B,S,T], self_mask [B,S,S], kv_b_proj weight [nh*(dn+dv), r],
+        softmax scale [1]) -> attention output [B,S,nh*dv] before o_proj."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_mla_decode", out_shape=_mla_out_shape,
+                          out_dtype=lambda q, n, c, pm, sm, w, sc: q, func_type="aot")
+
+    def moe_experts(self):
+        """(x [N,H], local expert ids [N,k] int32 (-1: not on this rank), weights [N,k],
+        gate/up [E,I,H], down [E,H,I]) -> y [N,H], float32."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_moe_experts", out_shape=lambda x, i, w, g, u, d: x,
+                          out_dtype=lambda x, i, w, g, u, d: x, func_type="aot")
+
+
+_LOADED: dict = {}
+
+
+def load() -> Optional[CpuKernels]:
+    """The CPU kernels, built if needed; None (with a warning) when they cannot be built."""
+    if "kernels" not in _LOADED:
+        try:
+            _LOADED["kernels"] = CpuKernels(build())
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            logger.warning("CPU kernels unavailable, using MindSpore's ops only: %s", e)
+            _LOADED["kernels"] = None
+    return _LOADED["kernels"]

@@ -1,0 +1,418 @@
+// CPU kernels for the shapes MindSpore's own CPU kernels handle slowly: matmuls with few
+// rows (decode), and the routed experts, which read only the experts each token chose,
+// in place, with no padded rows. Called from compiled graphs as MindSpore AOT custom ops
+// (deepseek_ms/kernels/cpu.py builds this file with the host compiler).
+//
+// Weights are [out, in] row-major, as in the checkpoint, so every output is a dot product
+// of two contiguous rows. The micro-kernel keeps a block of weight rows hot in L1 while
+// it walks the activation rows, so each weight byte comes from memory once per call.
+#include <sched.h>
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// A small thread pool whose idle workers sleep instead of spinning. The kernels share a
+// few cores with MindSpore's own thread pool, which runs the ops in between; spinning
+// workers (OpenMP's default) starved those ops and made decode 2x slower. Work items are
+// claimed from a shared counter and the caller claims too, so a worker that the OS has
+// not scheduled yet costs nothing: the caller waits only for items already started.
+class Pool {
+ public:
+  static Pool &get() {
+    static Pool pool;
+    return pool;
+  }
+  // Calls f(i) for i in [0, n), spread over the calling thread and the workers.
+  void run(int64_t n, const std::function<void(int64_t)> &f) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (n <= 1 || workers_.empty() || !busy.owns_lock()) {  // a concurrent caller runs alone
+      for (int64_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    auto job = std::make_shared<Job>(f, n);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = job;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job->work();
+    while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  }
+
+ private:
+  struct Job {
+    Job(const std::function<void(int64_t)> &f, int64_t n) : f(f), n(n) {}
+    void work() {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        f(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+    const std::function<void(int64_t)> &f;  // only called for claimed items, while run() waits
+    const int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+
+  Pool() {
+    cpu_set_t set;
+    int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    for (int i = 1; i < cpus; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto &t : workers_) t.join();
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        wake_.wait(lk, [&] { return generation_ != seen || stop_; });
+        if (stop_) return;
+        seen = generation_;
+        job = job_;
+      }
+      job->work();
+    }
+  }
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable wake_;
+  std::shared_ptr<Job> job_;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Pool::get().run(n, f); }
+
+constexpr int kRows = 3;    // activation rows per micro-kernel call (3x4 accumulators: best on AVX2)
+constexpr int kCols = 4;    // weight rows per micro-kernel call
+constexpr int kBlock = 32;  // weight rows per parallel work item
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows.
+template <int R, int C>
+inline void dots(const float *const *a, const float *const *b, int64_t K, float *out) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = _mm256_loadu_ps(b[c] + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 av = _mm256_loadu_ps(a[r] + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = hsum(acc[r][c]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = 0.0f;
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) out[r * C + c] += a[r][k] * b[c][k];
+}
+
+// y[m][n] = dot(x[m], w[n]) for n in [n0, n1): x and y given as row pointers (y rows are
+// written at column n). Weight rows are visited in groups of kCols, activation rows in
+// pairs, with a single-row / single-column tail.
+void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
+                       float *const *y) {
+  float out[kRows * kCols];
+  int64_t n = n0;
+  for (; n + kCols <= n1; n += kCols) {
+    const float *b[kCols];
+    for (int c = 0; c < kCols; ++c) b[c] = w + (n + c) * K;
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows) {
+      dots<kRows, kCols>(x + m, b, K, out);
+      for (int r = 0; r < kRows; ++r) std::memcpy(y[m + r] + n, out + r * kCols, sizeof(float) * kCols);
+    }
+    for (; m < M; ++m) {
+      dots<1, kCols>(x + m, b, K, out);
+      std::memcpy(y[m] + n, out, sizeof(float) * kCols);
+    }
+  }
+  for (; n < n1; ++n) {
+    const float *b[1] = {w + n * K};
+    for (int64_t m = 0; m < M; ++m) dots<1, 1>(x + m, b, K, y[m] + n);
+  }
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+int64_t numel(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= shape[i];
+  return n;
+}
+
+}  // namespace
+
+// y [M,N] = x [M,K] @ w [N,K]^T (float32).
+extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t K = shapes[0][ndims[0] - 1];
+  const int64_t M = numel(ndims[0], shapes[0]) / K;
+  const int64_t N = shapes[1][0];
+  std::vector<const float *> xr(M);
+  std::vector<float *> yr(M);
+  for (int64_t m = 0; m < M; ++m) {
+    xr[m] = x + m * K;
+    yr[m] = y + m * N;
+  }
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  parallel_for(blocks, [&](int64_t blk) {
+    const int64_t n0 = blk * kBlock, n1 = n0 + kBlock < N ? n0 + kBlock : N;
+    rows_times_weight(xr.data(), M, w, K, n0, n1, yr.data());
+  });
+  return 0;
+}
+
+// Routed SwiGLU experts, exact: y [N,H] = sum_j weight[t,j] * expert_{idx[t,j]}(x[t]).
+// Inputs: x [N,H], idx [N,k] int32 (this rank's expert index, -1 when another rank owns
+// the expert), weight [N,k], gate/up [E,I,H], down [E,H,I]. Output y [N,H].
+extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 7) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int32_t *idx = static_cast<const int32_t *>(params[1]);
+  const float *weight = static_cast<const float *>(params[2]);
+  const float *gate = static_cast<const float *>(params[3]);
+  const float *up = static_cast<const float *>(params[4]);
+  const float *down = static_cast<const float *>(params[5]);
+  float *y = static_cast<float *>(params[6]);
+  const int64_t N = shapes[0][0], H = shapes[0][1], k = shapes[1][1];
+  const int64_t E = shapes[3][0], I = shapes[3][1];
+
+  // counting sort of the (token, choice) pairs by expert
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t p = 0; p < N * k; ++p)
+    if (idx[p] >= 0 && idx[p] < E) ++start[idx[p] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const int64_t P = start[E];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  std::vector<int64_t> slot(N * k, -1);   // pair -> row in the sorted order
+  std::vector<const float *> xrows(P);
+  for (int64_t p = 0; p < N * k; ++p) {
+    const int32_t e = idx[p];
+    if (e < 0 || e >= E) continue;
+    slot[p] = fill[e]++;
+    xrows[slot[p]] = x + (p / k) * H;
+  }
+  // per calling thread, reused across calls: gate/up activations [P,I], outputs [P,H]
+  thread_local std::vector<float> hbuf, ubuf, ybuf;
+  hbuf.resize(P * I);
+  ubuf.resize(P * I);
+  ybuf.resize(P * H);
+  std::vector<float *> hrows(P), urows(P), yrows(P);
+  for (int64_t r = 0; r < P; ++r) {
+    hrows[r] = hbuf.data() + r * I;
+    urows[r] = ubuf.data() + r * I;
+    yrows[r] = ybuf.data() + r * H;
+  }
+  // work items: (expert, block of output rows), only for experts with tokens
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e])
+      for (int64_t b = 0; b < I; b += kBlock) items.emplace_back(e, b);
+  const int64_t n_up = static_cast<int64_t>(items.size());
+  parallel_for(n_up, [&](int64_t it) {
+    const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < I ? b0 + kBlock : I;
+    const int64_t r0 = start[e], m = start[e + 1] - r0;
+    rows_times_weight(xrows.data() + r0, m, gate + e * I * H, H, b0, b1, hrows.data() + r0);
+    rows_times_weight(xrows.data() + r0, m, up + e * I * H, H, b0, b1, urows.data() + r0);
+    for (int64_t r = r0; r < r0 + m; ++r)
+      for (int64_t i = b0; i < b1; ++i) hrows[r][i] = silu(hrows[r][i]) * urows[r][i];
+  });
+  items.clear();
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e])
+      for (int64_t b = 0; b < H; b += kBlock) items.emplace_back(e, b);
+  const int64_t n_down = static_cast<int64_t>(items.size());
+  parallel_for(n_down, [&](int64_t it) {
+    const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < H ? b0 + kBlock : H;
+    const int64_t r0 = start[e], m = start[e + 1] - r0;
+    rows_times_weight(hrows.data() + r0, m, down + e * H * I, I, b0, b1, yrows.data() + r0);
+  });
+  for (int64_t t = 0; t < N; ++t) {
+    float *out = y + t * H;
+    std::memset(out, 0, sizeof(float) * H);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = slot[t * k + j];
+      if (r < 0) continue;
+      const float wt = weight[t * k + j];
+      const float *src = yrows[r];
+      for (int64_t h = 0; h < H; ++h) out[h] += wt * src[h];
+    }
+  }
+  return 0;
+}
+
+// RMSNorm over the first D columns of each row of x [..., W] (D = len(weight)), in fp32:
+// y = x / sqrt(mean(x^2) + eps) * weight; columns past D are copied unchanged (MLA's
+// kv_a output carries the rope key there). Inputs: x, weight [D], eps [1]. Output y.
+extern "C" int dsms_rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t W = shapes[0][ndims[0] - 1], D = shapes[1][0];
+  const int64_t rows = numel(ndims[0], shapes[0]) / W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * W;
+    float *yr = y + r * W;
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * scale * w[d];
+    for (int64_t d = D; d < W; ++d) yr[d] = xr[d];
+  }
+  return 0;
+}
+
+// DeepSeek's rotary embedding on interleaved pairs, applied to the last 2h columns of each
+// row of x [B,S,(heads,)W]; the other columns are copied. cos/sin [B,S,h] per token.
+extern "C" int dsms_rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *cs = static_cast<const float *>(params[1]);
+  const float *sn = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t W = shapes[0][ndims[0] - 1], h = shapes[1][ndims[1] - 1];
+  const int64_t rows = numel(ndims[0], shapes[0]) / W;
+  const int64_t tokens = numel(ndims[1], shapes[1]) / h;
+  const int64_t per_token = rows / tokens;  // heads
+  const int64_t start = W - 2 * h;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * W;
+    float *yr = y + r * W;
+    const float *c = cs + (r / per_token) * h;
+    const float *s = sn + (r / per_token) * h;
+    std::memcpy(yr, xr, sizeof(float) * start);
+    for (int64_t i = 0; i < h; ++i) {
+      const float x0 = xr[start + 2 * i], x1 = xr[start + 2 * i + 1];
+      yr[start + 2 * i] = x0 * c[i] - x1 * s[i];
+      yr[start + 2 * i + 1] = x0 * s[i] + x1 * c[i];
+    }
+  }
+  return 0;
+}
+
+namespace {
+
+inline float dot(const float *a, const float *b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef __AVX2__
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+// Absorbed MLA for a few new tokens per sequence (decode), per (sequence, token, head):
+//   q_lat = W_UK^T q_nope; scores against the cached latents and the new ones (additive
+//   masks); softmax; o_lat = probs @ latents[:, :r]; out = W_UV o_lat.
+// W_UK / W_UV are read in place from kv_b_proj's weight [nh*(dn+dv), r].
+// Inputs: q [B,S,nh,dn+dr] (rope applied), new [B,S,L], cache [B,T,L], past_mask [B,S,T],
+// self_mask [B,S,S], kv_b [nh*(dn+dv), r], scale [1]. Output: out [B,S,nh*dv].
+extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 8) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *nw = static_cast<const float *>(params[1]);
+  const float *cache = static_cast<const float *>(params[2]);
+  const float *past_mask = static_cast<const float *>(params[3]);
+  const float *self_mask = static_cast<const float *>(params[4]);
+  const float *kv_b = static_cast<const float *>(params[5]);
+  const float scale = *static_cast<const float *>(params[6]);
+  float *out = static_cast<float *>(params[7]);
+  const int64_t B = shapes[0][0], S = shapes[0][1], nh = shapes[0][2], dq = shapes[0][3];
+  const int64_t L = shapes[1][2], T = shapes[2][1], r = shapes[5][1];
+  const int64_t dr = L - r, dn = dq - dr;
+  const int64_t dv = shapes[5][0] / nh - dn;
+  parallel_for(B * S * nh, [&](int64_t item) {
+    const int64_t h = item % nh, bs = item / nh, b = bs / S;
+    const float *qh = q + item * dq;
+    const float *wh = kv_b + h * (dn + dv) * r;  // rows: dn key rows, then dv value rows
+    std::vector<float> q_full(L, 0.0f), o_lat(r, 0.0f), p(T + S);
+    for (int64_t d = 0; d < dn; ++d) {
+      const float qd = qh[d];
+      const float *row = wh + d * r;
+      for (int64_t c = 0; c < r; ++c) q_full[c] += qd * row[c];
+    }
+    std::memcpy(q_full.data() + r, qh + dn, sizeof(float) * dr);
+    const float *cb = cache + b * T * L, *nb = nw + b * S * L;
+    const float *pm = past_mask + bs * T, *sm = self_mask + bs * S;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < T; ++t) {
+      p[t] = dot(q_full.data(), cb + t * L, L) * scale + pm[t];
+      m = p[t] > m ? p[t] : m;
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      p[T + j] = dot(q_full.data(), nb + j * L, L) * scale + sm[j];
+      m = p[T + j] > m ? p[T + j] : m;
+    }
+    float denom = 0.0f;
+    for (int64_t t = 0; t < T + S; ++t) {
+      p[t] = std::exp(p[t] - m);
+      denom += p[t];
+    }
+    for (int64_t t = 0; t < T + S; ++t) {
+      if (p[t] == 0.0f) continue;
+      const float pt = p[t];
+      const float *row = t < T ? cb + t * L : nb + (t - T) * L;
+      for (int64_t c = 0; c < r; ++c) o_lat[c] += pt * row[c];
+    }
+    float *oh = out + bs * nh * dv + h * dv;
+    for (int64_t v = 0; v < dv; ++v) oh[v] = dot(o_lat.data(), wh + (dn + v) * r, r) / denom;
+  });
+  return 0;
+}
