@@ -43,10 +43,11 @@ def _as_ids(input_ids, vocab_size: int) -> np.ndarray:
 
 class CausalLM:
     def __init__(self, config: DeepseekConfig, max_seq_len: int = 4096,
-                 parallel: Optional[ParallelConfig] = None, device_target: Optional[str] = None):
+                 parallel: Optional[ParallelConfig] = None, device_target: Optional[str] = None,
+                 kernels: str = "auto"):
         import mindspore as ms
 
-        from .backend import check_compute_dtype, init_device, ms_dtype
+        from .backend import check_compute_dtype, init_device, ms_dtype, native_kernels
         from .model.transformer import CachedStep, DeepseekForCausalLM, PrefillStep
 
         self.device_target = init_device(device_target)
@@ -62,6 +63,7 @@ class CausalLM:
         self.net = DeepseekForCausalLM(config, self.max_seq_len, self.layout.tp, self.layout.experts,
                                        param_dtype=ms_dtype(config.param_dtype),
                                        compute_dtype=ms_dtype(config.compute_dtype))
+        self.net.use_kernels(native_kernels(kernels))
         self.net.set_train(False)
         self._ms = ms
         self._prefill = ms.jit(PrefillStep(self.net))
@@ -235,9 +237,13 @@ class CausalLM:
 
 def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]] = None,
                max_seq_len: Optional[int] = None, device_target: Optional[str] = None,
-               overrides: Optional[Dict[str, Any]] = None, progress: bool = True) -> CausalLM:
+               overrides: Optional[Dict[str, Any]] = None, progress: bool = True,
+               kernels: str = "auto") -> CausalLM:
     """Load a model from an HF folder (config.json + safetensors, FP8 included), a folder
-    written by `deepseek-ms convert` (config.json + model.ckpt), or a predict YAML."""
+    written by `deepseek-ms convert` (config.json + model.ckpt), or a predict YAML.
+
+    `kernels`: "auto" uses deepseek-ms's native CPU kernels where they help (see
+    deepseek_ms.backend.native_kernels); "mindspore" keeps MindSpore's ops only."""
     from .checkpoint.hf_loader import load_hf_weights
 
     if os.path.isfile(path) and path.endswith((".yaml", ".yml")):
@@ -260,7 +266,7 @@ def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]]
     if isinstance(parallel_config, dict):
         parallel_config = ParallelConfig.from_dict(parallel_config)
     model = CausalLM(config, max_seq_len or min(config.max_position_embeddings, 4096), parallel_config,
-                     device_target)
+                     device_target, kernels)
     ckpt = os.path.join(folder, "model.ckpt")
     if os.path.isfile(ckpt):
         from .checkpoint.convert import load_ms_checkpoint

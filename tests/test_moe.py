@@ -120,3 +120,25 @@ def test_capacity_covers_a_balanced_load_with_margin():
         mean = pairs / 16
         cap = cell.capacity(pairs)
         assert cap % 8 == 0 and mean + 4 * mean ** 0.5 <= cap <= 2 * mean + 16
+
+
+@pytest.mark.parametrize("first,n,N", [(0, 16, 1), (0, 16, 37), (4, 4, 96), (12, 4, 5)])
+def test_native_cpu_kernel_is_exact(first, n, N):
+    """The native CPU kernel (deepseek_ms/kernels): exact for any token count, on a full set
+    of experts and on an expert-parallel slice (including tokens none of whose experts are
+    local), in PyNative and in a compiled graph."""
+    from deepseek_ms.kernels import cpu
+    kernels = cpu.load()
+    assert kernels is not None, "the CPU kernels must build on the test machines"
+    config = _config()
+    rng = np.random.default_rng(N)
+    weights = _weights(config, rng)
+    cell = _experts(config, weights, first, n)
+    cell.use_kernels(kernels)
+    x = rng.standard_normal((N, config.hidden_size)).astype(np.float32)
+    idx = _balanced(rng, N, 2, 16)
+    w = rng.random((N, 2)).astype(np.float32)
+    want = _reference(x, idx, w, weights, first, n)
+    args = (ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w))
+    np.testing.assert_allclose(cell(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ms.jit(_Graph(cell))(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)

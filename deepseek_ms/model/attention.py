@@ -27,6 +27,9 @@ from .rope import apply_rope
 
 # DeepSeek hard-codes the eps of the two latent norms; rms_norm_eps does not apply to them.
 LATENT_NORM_EPS = 1e-6
+# New tokens per sequence up to which the native absorbed kernel runs (decode, draft
+# verification); longer chunks keep MindSpore's batched matmuls.
+NATIVE_DECODE_TOKENS = 4
 
 
 class MLAttention(nn.Cell):
@@ -57,9 +60,17 @@ class MLAttention(nn.Cell):
         self.o_proj = Linear(n_heads * c.v_head_dim, H, "row", tp, param_dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.native_rope = None
+        self.native_decode = None
+        self.scale_tensor = ms.Tensor([self.softmax_scale], ms.float32)
+
+    def use_kernels(self, kernels) -> None:
+        self.native_rope = kernels.rope() if kernels is not None else None
+        dense32 = self.kv_b_proj.fmt.name == "dense" and self.kv_b_proj.weight.dtype == ms.float32
+        self.native_decode = kernels.mla_decode() if kernels is not None and dense32 else None
 
     def _project(self, x, cos, sin):
-        """Queries split into (nope, rope) parts and the new tokens' latent [c_kv ; k_pe]."""
+        """(q [B,S,nh,dn+dr] with its rope part rotated, the new tokens' latent [c_kv ; k_pe])."""
         B, S, _ = x.shape
         nh, dn, dr = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if self.q_lora_rank is None:
@@ -67,12 +78,14 @@ class MLAttention(nn.Cell):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, S, nh, dn + dr)
-        q_nope = q[:, :, :, :dn]
-        q_pe = apply_rope(q[:, :, :, dn:], cos, sin)
         kv = self.kv_a_proj_with_mqa(x)
+        if self.native_rope is not None and x.dtype == ms.float32:
+            # rope and the latent norm act on column ranges in place: no slices, no concat
+            return self.native_rope(q, cos, sin), self.native_rope(self.kv_a_layernorm.leading(kv), cos, sin)
+        q_pe = apply_rope(q[:, :, :, dn:], cos, sin)
         c_kv = self.kv_a_layernorm(kv[:, :, :self.kv_lora_rank])
         k_pe = apply_rope(kv[:, :, self.kv_lora_rank:], cos, sin)
-        return q_nope, q_pe, c_kv, k_pe
+        return ops.concat((q[:, :, :, :dn], q_pe), -1), ops.concat((c_kv, k_pe), -1)
 
     def prefill(self, x, cos, sin, mask):
         """Expanded MLA over S new tokens with no cached past.
@@ -82,8 +95,11 @@ class MLAttention(nn.Cell):
         """
         B, S, _ = x.shape
         nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
-        kv = self.kv_b_proj(c_kv).reshape(B, S, nh, dn + dv)
+        q, latent = self._project(x, cos, sin)
+        q_nope, q_pe = q[:, :, :, :dn], q[:, :, :, dn:]
+        r = self.kv_lora_rank
+        k_pe = latent[:, :, r:]
+        kv = self.kv_b_proj(latent[:, :, :r]).reshape(B, S, nh, dn + dv)
         k_nope = kv[:, :, :, :dn]
         v = kv[:, :, :, dn:]
         scores = self.bmm_t(q_nope.transpose(0, 2, 1, 3), k_nope.transpose(0, 2, 1, 3))       # [B,nh,S,S]
@@ -92,7 +108,7 @@ class MLAttention(nn.Cell):
         scores = (scores + s_pe).astype(ms.float32) * self.softmax_scale + mask.expand_dims(1)
         probs = ops.softmax(scores, -1).astype(v.dtype)
         out = self.bmm(probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).reshape(B, S, nh * dv)
-        return self.o_proj(out), ops.concat((c_kv, k_pe), -1)
+        return self.o_proj(out), latent
 
     def cached(self, x, cos, sin, cache, past_mask, self_mask):
         """Absorbed MLA: S new tokens attend to T cached latents and to themselves.
@@ -103,14 +119,17 @@ class MLAttention(nn.Cell):
         B, S, _ = x.shape
         nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         r = self.kv_lora_rank
-        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        q, new = self._project(x, cos, sin)
+        if self.native_decode is not None and S <= NATIVE_DECODE_TOKENS and x.dtype == ms.float32:
+            o = self.native_decode(q, new, cache, past_mask, self_mask, self.kv_b_proj.weight, self.scale_tensor)
+            return self.o_proj(o), new
+        q_nope, q_pe = q[:, :, :, :dn], q[:, :, :, dn:]
         w = self.kv_b_proj.weight.astype(x.dtype).reshape(nh, dn + dv, r)
         w_uk = w[:, :dn, :]                                                     # [nh,dn,r]
         w_uv = w[:, dn:, :]                                                     # [nh,dv,r]
         q_lat = self.bmm(q_nope.reshape(B * S, nh, dn).transpose(1, 0, 2), w_uk)   # [nh,BS,r]
         q_lat = q_lat.transpose(1, 0, 2).reshape(B, S * nh, r)
         q_full = ops.concat((q_lat, q_pe.reshape(B, S * nh, dr)), -1)          # [B,S*nh,latent]
-        new = ops.concat((c_kv, k_pe), -1)                                      # [B,S,latent]
         T = cache.shape[1]
         scale = self.softmax_scale
         s_past = self.bmm_t(q_full, cache.astype(x.dtype)).astype(ms.float32).reshape(B, S, nh, T) * scale

@@ -35,6 +35,8 @@ class TPGroup:
 NO_TP = TPGroup()
 
 ROLES = ("column", "row", "replicated")
+# Row counts up to which a native kernel (when attached) beats MindSpore's MatMul: decode.
+NATIVE_MAX_ROWS = 16
 
 
 class DenseWeight:
@@ -75,10 +77,21 @@ class Linear(nn.Cell):
             setattr(self, name, param)
         self.matmul = ops.MatMul(transpose_b=True)
         self.reduce = AllReduce(tp.name, tp.size) if role == "row" else None
+        self.native_linear = None
+
+    def use_kernels(self, kernels) -> None:
+        """Route few-row fp32 products of dense weights through `kernels.linear` (inference only)."""
+        dense32 = self.fmt is DenseWeight and self.weight.dtype == ms.float32
+        self.native_linear = kernels.linear() if kernels is not None and dense32 else None
 
     def construct(self, x):
         shape = x.shape
-        y = self.fmt.matmul(self, x.reshape(-1, shape[-1]))
+        x2d = x.reshape(-1, shape[-1])
+        if (self.native_linear is not None and not self.training and x2d.shape[0] <= NATIVE_MAX_ROWS
+                and x2d.dtype == ms.float32):
+            y = self.native_linear(x2d, self.weight)
+        else:
+            y = self.fmt.matmul(self, x2d)
         if self.reduce is not None:
             y = self.reduce(y)
         return y.reshape(shape[:-1] + (self.local_out,))

@@ -131,13 +131,24 @@ class RoutedExperts(nn.Cell):
         self.up_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="up_proj")
         self.down_proj = Parameter(initializer("zeros", (E, H, I), param_dtype), name="down_proj")
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.native_experts = None
+
+    def use_kernels(self, kernels) -> None:
+        """Run inference through `kernels.moe_experts` (exact, any token count) for fp32 weights."""
+        fp32 = self.gate_proj.dtype == ms.float32
+        self.native_experts = kernels.moe_experts() if kernels is not None and fp32 else None
 
     def construct(self, x, idx, weights):
         """x [N,H]; idx/weights [N,k] -> sum over chosen local experts of weight * expert(x)."""
         N = x.shape[0]
         k = idx.shape[1]
-        # Shapes are static, so the strategy is fixed per compiled graph: few tokens (decode)
-        # read only the chosen experts' weights; more tokens go through per-expert slots.
+        if self.native_experts is not None and not self.training and x.dtype == ms.float32:
+            local, _ = self._local_ids(idx, -1)
+            return self.native_experts(x, local.reshape(N, k), weights.astype(ms.float32),
+                                       self.gate_proj, self.up_proj, self.down_proj)
+        # With MindSpore's ops (devices, training) shapes are static, so the strategy is fixed
+        # per compiled graph: few tokens (decode) read only the chosen experts' weights; more
+        # tokens go through per-expert slots.
         if N * k < self.n_local_experts:
             return self._gathered(x, idx, weights)
         capacity = self.capacity(N * k)

@@ -24,9 +24,17 @@ from ..parallel.layers import GatherLastDim, VocabParallelEmbedding
 from ..parallel.layout import NO_EP, ExpertGroups
 from .attention import MLAttention
 from .linear import NO_TP, Linear, TPGroup
-from .moe import MLP, MoE
+from .moe import MLP, MoE, RoutedExperts
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+
+
+def use_kernels(root: nn.Cell, kernels) -> None:
+    """Attach native kernels (deepseek_ms.backend.native_kernels; None detaches them) to the
+    projections, routed experts, norms and attention under `root`. Call before compiling."""
+    for _, cell in root.cells_and_names():
+        if isinstance(cell, (Linear, RoutedExperts, RMSNorm, MLAttention)):
+            cell.use_kernels(kernels)
 
 
 class DecoderLayer(nn.Cell):
@@ -123,6 +131,9 @@ class DeepseekForCausalLM(nn.Cell):
         self.rotary = RotaryEmbedding(config, max_seq_len)
         self.mtp = nn.CellList([MTPLayer(config, config.num_hidden_layers + k, tp, ep, param_dtype)
                                 for k in range(config.num_nextn_predict_layers)])
+
+    def use_kernels(self, kernels) -> None:
+        use_kernels(self, kernels)
 
     def embed(self, ids):
         return self.model.embed_tokens(ids).astype(self.compute_dtype)

@@ -1,0 +1,174 @@
+"""Native CPU kernels (deepseek_ms/kernels): each one against the MindSpore-ops path it
+replaces, in a compiled graph; the whole model with and without them; and the build's
+failure modes (a missing or broken compiler falls back to MindSpore's ops)."""
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from mindspore import nn  # noqa: E402
+
+from deepseek_ms.backend import native_kernels  # noqa: E402
+from deepseek_ms.config import DeepseekConfig  # noqa: E402
+from deepseek_ms.kernels import cpu  # noqa: E402
+from deepseek_ms.model.attention import MLAttention  # noqa: E402
+from deepseek_ms.model.linear import NATIVE_MAX_ROWS, Linear  # noqa: E402
+from deepseek_ms.model.norm import RMSNorm  # noqa: E402
+from deepseek_ms.model.rope import apply_rope  # noqa: E402
+from deepseek_ms.model.transformer import use_kernels  # noqa: E402
+from helpers import fixture_dir, load_fixture_model  # noqa: E402
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = native_kernels("auto")
+    assert k is not None, "the CPU kernels must build on the test machines (g++ is required)"
+    return k
+
+
+class _Call(nn.Cell):
+    def __init__(self, cell, method="construct"):
+        super().__init__()
+        self.cell = cell
+        self.method = method
+
+    def construct(self, *args):
+        if self.method == "cached":
+            return self.cell.cached(*args)
+        return self.cell(*args)
+
+
+def _both(cell, kernels, *args, method="construct"):
+    """(native output, MindSpore-ops output) of the same cell in compiled graphs."""
+    use_kernels(cell, kernels)
+    attached = [getattr(c, a) for _, c in cell.cells_and_names() for a in NATIVE_ATTRS if getattr(c, a, None)]
+    assert attached, "use_kernels attached no native kernel"
+    native = ms.jit(_Call(cell, method))(*args)
+    use_kernels(cell, None)
+    reference = ms.jit(_Call(cell, method))(*args)
+    return native, reference
+
+
+def _numpy(x):
+    return [t.asnumpy() for t in x] if isinstance(x, (tuple, list)) else [x.asnumpy()]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, NATIVE_MAX_ROWS])
+@pytest.mark.parametrize("out_features,in_features", [(37, 64), (256, 96)])
+def test_linear(kernels, rows, out_features, in_features):
+    rng = np.random.default_rng(rows)
+    cell = Linear(in_features, out_features)
+    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    cell.weight.set_data(ms.Tensor(w))
+    x = rng.standard_normal((1, rows, in_features)).astype(np.float32)
+    native, reference = _both(cell, kernels, ms.Tensor(x))
+    np.testing.assert_allclose(native.asnumpy(), x @ w.T, **TOL)
+    np.testing.assert_allclose(reference.asnumpy(), x @ w.T, **TOL)
+
+
+def test_rms_norm_whole_rows_and_leading_columns(kernels):
+    rng = np.random.default_rng(0)
+    cell = RMSNorm(48, eps=1e-6)
+    weight = rng.standard_normal(48).astype(np.float32)
+    cell.weight.set_data(ms.Tensor(weight))
+    x = rng.standard_normal((2, 5, 48)).astype(np.float32) * 3
+    native, reference = _both(cell, kernels, ms.Tensor(x))
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * weight
+    np.testing.assert_allclose(native.asnumpy(), want, **TOL)
+    np.testing.assert_allclose(reference.asnumpy(), want, **TOL)
+    # MLA's latent: normalise the first 48 columns, pass the 8 rope columns through
+    cell.use_kernels(kernels)
+    wide = rng.standard_normal((2, 5, 56)).astype(np.float32)
+    got = cell.leading(ms.Tensor(wide)).asnumpy()
+    head = wide[..., :48]
+    np.testing.assert_allclose(got[..., :48], head / np.sqrt((head.astype(np.float64) ** 2).mean(-1, keepdims=True)
+                                                              + 1e-6) * weight, **TOL)
+    np.testing.assert_array_equal(got[..., 48:], wide[..., 48:])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 24), (2, 3, 40)])
+def test_rope_on_trailing_columns(kernels, shape):
+    rng = np.random.default_rng(1)
+    dr = 8
+    x = rng.standard_normal(shape).astype(np.float32)
+    cos = rng.standard_normal(shape[:2] + (dr // 2,)).astype(np.float32)
+    sin = rng.standard_normal(shape[:2] + (dr // 2,)).astype(np.float32)
+    got = kernels.rope()(ms.Tensor(x), ms.Tensor(cos), ms.Tensor(sin)).asnumpy()
+    want = apply_rope(ms.Tensor(x[..., -dr:]), ms.Tensor(cos), ms.Tensor(sin)).asnumpy()
+    np.testing.assert_array_equal(got[..., :-dr], x[..., :-dr])
+    np.testing.assert_allclose(got[..., -dr:], want, **TOL)
+
+
+def _attention(seed=0):
+    config = DeepseekConfig.from_pretrained(str(fixture_dir("deepseek_v3_tiny")))
+    cell = MLAttention(config)
+    rng = np.random.default_rng(seed)
+    for name, p in cell.parameters_and_names():
+        scale = 1.0 if "layernorm" in name else 0.2
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * scale
+                             + (1.0 if "layernorm" in name else 0.0)))
+    return config, cell, rng
+
+
+@pytest.mark.parametrize("S", [1, 2])
+def test_absorbed_decode_attention(kernels, S):
+    """The fused absorbed-MLA kernel against the BatchMatMul form, with padded past slots
+    and a causal mask among the new tokens."""
+    config, cell, rng = _attention(S)
+    B, T, L = 3, 12, config.latent_dim
+    x = rng.standard_normal((B, S, config.hidden_size)).astype(np.float32)
+    h = config.qk_rope_head_dim // 2
+    cos = rng.standard_normal((B, S, h)).astype(np.float32)
+    sin = rng.standard_normal((B, S, h)).astype(np.float32)
+    cache = rng.standard_normal((B, T, L)).astype(np.float32)
+    past = np.full((B, S, T), -1e30, np.float32)
+    for b, n in enumerate((12, 5, 1)):
+        past[b, :, :n] = 0
+    causal = np.triu(np.full((S, S), -1e30, np.float32), 1)
+    self_mask = np.broadcast_to(causal, (B, S, S)).copy()
+    args = [ms.Tensor(a) for a in (x, cos, sin, cache, past, self_mask)]
+    native, reference = _both(cell, kernels, *args, method="cached")
+    for got, want in zip(_numpy(native), _numpy(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_model_with_and_without_kernels():
+    """Prefill logits and cached (absorbed) decode of the whole tiny model agree between the
+    native kernels and MindSpore's ops."""
+    import deepseek_ms
+    native = load_fixture_model("deepseek_v3_tiny")
+    plain = deepseek_ms.load_model(str(fixture_dir("deepseek_v3_tiny")), progress=False, kernels="mindspore")
+    ids = np.random.default_rng(0).integers(0, native.config.vocab_size, (2, 9))
+    np.testing.assert_allclose(native.logits(ids), plain.logits(ids), rtol=1e-4, atol=1e-4)
+    got_ids, got_logits = native.generate(ids, max_new_tokens=6, return_logits=True)
+    want_ids, want_logits = plain.generate(ids, max_new_tokens=6, return_logits=True)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_choice_is_validated():
+    assert native_kernels("mindspore") is None
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        native_kernels("fast")
+
+
+def test_build_failures_name_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="does not run"):
+        cpu.build(compiler=str(tmp_path / "no-such-g++"), out_dir=str(tmp_path))
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'error: broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(RuntimeError, match="broken compiler"):
+        cpu.build(compiler=str(broken), out_dir=str(tmp_path))
+    assert not list(tmp_path.glob("*.so")), "a failed build must not leave a library behind"
+
+
+def test_build_is_cached_per_source(tmp_path):
+    first = cpu.build(out_dir=str(tmp_path))
+    mtime = (tmp_path / first.split("/")[-1]).stat().st_mtime_ns
+    assert cpu.build(out_dir=str(tmp_path)) == first
+    assert (tmp_path / first.split("/")[-1]).stat().st_mtime_ns == mtime
