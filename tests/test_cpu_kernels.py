@@ -1,6 +1,7 @@
 """Native CPU kernels (deepseek_ms/kernels): each one against the MindSpore-ops path it
 replaces, in a compiled graph; the whole model with and without them; and the build's
 failure modes (a missing or broken compiler falls back to MindSpore's ops)."""
+import dataclasses
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts")
+NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts", "native_router")
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,24 @@ def test_build_is_cached_per_source(tmp_path):
     mtime = (tmp_path / first.split("/")[-1]).stat().st_mtime_ns
     assert cpu.build(out_dir=str(tmp_path)) == first
     assert (tmp_path / first.split("/")[-1]).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy"])
+def test_router(kernels, method):
+    """Every routing method of Router: the same experts and weights as the MindSpore ops."""
+    from deepseek_ms.model.moe import Router
+    config = DeepseekConfig.from_pretrained(str(fixture_dir("deepseek_v3_tiny")))
+    v3 = method == "noaux_tc"
+    config = dataclasses.replace(config, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                 topk_method=method, scoring_func="sigmoid" if v3 else "softmax",
+                                 model_type="deepseek_v3" if v3 else "deepseek_v2",
+                                 norm_topk_prob=method != "greedy", routed_scaling_factor=2.5)
+    rng = np.random.default_rng(5)
+    cell = Router(config)
+    cell.weight.set_data(ms.Tensor(rng.standard_normal(cell.weight.shape).astype(np.float32)))
+    if v3:
+        cell.e_score_correction_bias.set_data(ms.Tensor(rng.standard_normal(16).astype(np.float32) * 0.1))
+    x = rng.standard_normal((37, config.hidden_size)).astype(np.float32)
+    (idx, w), (ref_idx, ref_w) = [_numpy(o) for o in _both(cell, kernels, ms.Tensor(x))]
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(w, ref_w, **TOL)

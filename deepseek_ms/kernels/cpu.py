@@ -107,11 +107,21 @@ class CpuKernels:
                           out_dtype=lambda q, n, c, pm, sm, w, sc: q, func_type="aot")
 
     def moe_experts(self):
-        """(x [N,H], local expert ids [N,k] int32 (-1: not on this rank), weights [N,k],
-        gate/up [E,I,H], down [E,H,I]) -> y [N,H], float32."""
+        """(x [N,H], global expert ids [N,k] int32, first local expert [1] int32, weights
+        [N,k], gate/up [E,I,H], down [E,H,I]) -> y [N,H], float32: the sum over each token's
+        chosen experts that this rank holds."""
         from mindspore import ops
-        return ops.Custom(f"{self.library}:dsms_moe_experts", out_shape=lambda x, i, w, g, u, d: x,
-                          out_dtype=lambda x, i, w, g, u, d: x, func_type="aot")
+        return ops.Custom(f"{self.library}:dsms_moe_experts", out_shape=lambda x, i, f, w, g, u, d: x,
+                          out_dtype=lambda x, i, f, w, g, u, d: x, func_type="aot")
+
+    def router(self, top_k: int):
+        """(x [N,H], weight [E,H], correction bias [E], config [8]) -> (expert ids [N,top_k]
+        int32, weights [N,top_k] float32); config layout in cpu_kernels.cc (dsms_router)."""
+        import mindspore as ms
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_router",
+                          out_shape=lambda x, w, b, c: ([x[0], top_k], [x[0], top_k]),
+                          out_dtype=lambda x, w, b, c: (ms.int32, ms.float32), func_type="aot")
 
 
 _LOADED: dict = {}

@@ -206,20 +206,23 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
 }
 
 // Routed SwiGLU experts, exact: y [N,H] = sum_j weight[t,j] * expert_{idx[t,j]}(x[t]).
-// Inputs: x [N,H], idx [N,k] int32 (this rank's expert index, -1 when another rank owns
-// the expert), weight [N,k], gate/up [E,I,H], down [E,H,I]. Output y [N,H].
+// Inputs: x [N,H], idx [N,k] int32 global expert ids, first [1] int32 (this rank holds
+// experts [first, first + E)), weight [N,k], gate/up [E,I,H], down [E,H,I]. Output y [N,H].
 extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
-  if (nparam != 7) return 1;
+  if (nparam != 8) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  const int32_t *idx = static_cast<const int32_t *>(params[1]);
-  const float *weight = static_cast<const float *>(params[2]);
-  const float *gate = static_cast<const float *>(params[3]);
-  const float *up = static_cast<const float *>(params[4]);
-  const float *down = static_cast<const float *>(params[5]);
-  float *y = static_cast<float *>(params[6]);
+  const int32_t *global_idx = static_cast<const int32_t *>(params[1]);
+  const int32_t first = *static_cast<const int32_t *>(params[2]);
+  const float *weight = static_cast<const float *>(params[3]);
+  const float *gate = static_cast<const float *>(params[4]);
+  const float *up = static_cast<const float *>(params[5]);
+  const float *down = static_cast<const float *>(params[6]);
+  float *y = static_cast<float *>(params[7]);
   const int64_t N = shapes[0][0], H = shapes[0][1], k = shapes[1][1];
-  const int64_t E = shapes[3][0], I = shapes[3][1];
+  const int64_t E = shapes[4][0], I = shapes[4][1];
+  std::vector<int32_t> idx(N * k);  // local expert ids; out of [0, E): another rank's
+  for (int64_t p = 0; p < N * k; ++p) idx[p] = global_idx[p] - first;
 
   // counting sort of the (token, choice) pairs by expert
   std::vector<int64_t> start(E + 1, 0);
@@ -414,5 +417,93 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
     float *oh = out + bs * nh * dv + h * dv;
     for (int64_t v = 0; v < dv; ++v) oh[v] = dot(o_lat.data(), wh + (dn + v) * r, r) / denom;
   });
+  return 0;
+}
+
+// DeepSeek's router for every token, in fp32 (deepseek_ms/model/moe.py Router is the
+// reference): logits = x W^T; scores = sigmoid or softmax; selection scores (+ correction
+// bias for noaux_tc); group-limited masking; top-k; weights from the unbiased scores.
+// Inputs: x [N,H], weight [E,H], bias [E], config [8] float:
+//   top_k, n_group, topk_group, method (0 greedy, 1 group_limited_greedy, 2 noaux_tc),
+//   sigmoid (1) or softmax (0), v3 weighting (1) or v2 (0), norm_topk_prob, routed_scaling_factor.
+// Outputs: idx [N,top_k] int32 (best first), weights [N,top_k] float32.
+extern "C" int dsms_router(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 6) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *wt = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  const float *cfg = static_cast<const float *>(params[3]);
+  int32_t *idx = static_cast<int32_t *>(params[4]);
+  float *out_w = static_cast<float *>(params[5]);
+  const int64_t N = shapes[0][0], H = shapes[0][1], E = shapes[1][0];
+  const int top_k = static_cast<int>(cfg[0]), n_group = static_cast<int>(cfg[1]);
+  const int topk_group = static_cast<int>(cfg[2]), method = static_cast<int>(cfg[3]);
+  const bool sigmoid = cfg[4] != 0.0f, v3 = cfg[5] != 0.0f, norm = cfg[6] != 0.0f;
+  const float scale = cfg[7];
+  const int64_t per_group = E / n_group;
+  std::vector<const float *> xr(N);
+  std::vector<std::vector<float>> logits(N, std::vector<float>(E));
+  std::vector<float *> lr(N);
+  for (int64_t n = 0; n < N; ++n) {
+    xr[n] = x + n * H;
+    lr[n] = logits[n].data();
+  }
+  rows_times_weight(xr.data(), N, wt, H, 0, E, lr.data());
+  std::vector<float> scores(E), select(E), group_score(n_group);
+  std::vector<char> keep(n_group);
+  for (int64_t n = 0; n < N; ++n) {
+    const float *l = lr[n];
+    if (sigmoid) {
+      for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-l[e]));
+    } else {
+      float m = l[0], s = 0.0f;
+      for (int64_t e = 1; e < E; ++e) m = l[e] > m ? l[e] : m;
+      for (int64_t e = 0; e < E; ++e) s += (scores[e] = std::exp(l[e] - m));
+      for (int64_t e = 0; e < E; ++e) scores[e] /= s;
+    }
+    for (int64_t e = 0; e < E; ++e) select[e] = scores[e] + (method == 2 ? bias[e] : 0.0f);
+    if (method != 0 && n_group > 1) {
+      for (int g = 0; g < n_group; ++g) {
+        const float *v = select.data() + g * per_group;
+        float best = -INFINITY, second = -INFINITY;
+        for (int64_t j = 0; j < per_group; ++j) {
+          if (v[j] > best) {
+            second = best;
+            best = v[j];
+          } else if (v[j] > second) {
+            second = v[j];
+          }
+        }
+        group_score[g] = method == 2 ? best + second : best;
+        keep[g] = 0;
+      }
+      for (int t = 0; t < topk_group; ++t) {  // best groups; ties go to the lower index
+        int arg = -1;
+        for (int g = 0; g < n_group; ++g)
+          if (!keep[g] && (arg < 0 || group_score[g] > group_score[arg])) arg = g;
+        keep[arg] = 1;
+      }
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / per_group]) select[e] = -1e30f;
+    }
+    int32_t *ix = idx + n * top_k;
+    float *w = out_w + n * top_k;
+    float sum = 0.0f;
+    for (int t = 0; t < top_k; ++t) {
+      int64_t arg = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (select[e] > -INFINITY && (arg < 0 || select[e] > select[arg])) arg = e;
+      ix[t] = static_cast<int32_t>(arg);
+      w[t] = scores[arg];
+      select[arg] = -INFINITY;
+      sum += w[t];
+    }
+    const bool renorm = v3 ? norm : (top_k > 1 && norm);
+    for (int t = 0; t < top_k; ++t) {
+      if (renorm) w[t] = w[t] / (sum + 1e-20f);
+      if (v3 || !renorm) w[t] *= scale;
+    }
+  }
   return 0;
 }

@@ -79,7 +79,7 @@ class MLAttention(nn.Cell):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, S, nh, dn + dr)
         kv = self.kv_a_proj_with_mqa(x)
-        if self.native_rope is not None and x.dtype == ms.float32:
+        if self.native_rope is not None and not self.training and x.dtype == ms.float32:
             # rope and the latent norm act on column ranges in place: no slices, no concat
             return self.native_rope(q, cos, sin), self.native_rope(self.kv_a_layernorm.leading(kv), cos, sin)
         q_pe = apply_rope(q[:, :, :, dn:], cos, sin)
@@ -120,7 +120,8 @@ class MLAttention(nn.Cell):
         nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         r = self.kv_lora_rank
         q, new = self._project(x, cos, sin)
-        if self.native_decode is not None and S <= NATIVE_DECODE_TOKENS and x.dtype == ms.float32:
+        if (self.native_decode is not None and not self.training and S <= NATIVE_DECODE_TOKENS
+                and x.dtype == ms.float32):
             o = self.native_decode(q, new, cache, past_mask, self_mask, self.kv_b_proj.weight, self.scale_tensor)
             return self.o_proj(o), new
         q_nope, q_pe = q[:, :, :, :dn], q[:, :, :, dn:]

@@ -22,13 +22,13 @@ class RMSNorm(nn.Cell):
     def leading(self, x):
         """Normalise the first `dim` columns of x and pass the rest through (MLA's kv_a
         output, whose tail is the rope key)."""
-        if self.native_norm is not None and x.dtype == ms.float32:
+        if self.native_norm is not None and not self.training and x.dtype == ms.float32:
             return self.native_norm(x, self.weight, self.eps_tensor)
         dim = self.weight.shape[0]
         return ops.concat((self(x[..., :dim]), x[..., dim:]), -1)
 
     def construct(self, x):
-        if self.native_norm is not None and x.dtype == ms.float32:
+        if self.native_norm is not None and not self.training and x.dtype == ms.float32:
             return self.native_norm(x, self.weight, self.eps_tensor)
         dtype = x.dtype
         x32 = x.astype(ms.float32)

@@ -24,16 +24,17 @@ from ..parallel.layers import GatherLastDim, VocabParallelEmbedding
 from ..parallel.layout import NO_EP, ExpertGroups
 from .attention import MLAttention
 from .linear import NO_TP, Linear, TPGroup
-from .moe import MLP, MoE, RoutedExperts
+from .moe import MLP, MoE, RoutedExperts, Router
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 
 def use_kernels(root: nn.Cell, kernels) -> None:
     """Attach native kernels (deepseek_ms.backend.native_kernels; None detaches them) to the
-    projections, routed experts, norms and attention under `root`. Call before compiling."""
+    projections, routers, routed experts, norms and attention under `root`. Call before
+    compiling."""
     for _, cell in root.cells_and_names():
-        if isinstance(cell, (Linear, RoutedExperts, RMSNorm, MLAttention)):
+        if isinstance(cell, (Linear, Router, RoutedExperts, RMSNorm, MLAttention)):
             cell.use_kernels(kernels)
 
 
