@@ -71,6 +71,11 @@ def runs(tmp_path_factory):
     return out
 
 
+# Sharded matmuls sum in another order than the single process (partial sums, then the
+# all-reduce): logits of magnitude ~3 differ by fp32 rounding, up to about 1e-5.
+TOL = dict(atol=3e-5, rtol=0)
+
+
 def _results(runs, n, layout, model):
     return [np.load(runs[n] / f"{_tag(layout)}_{model}_rank{r}.npz") for r in range(n)]
 
@@ -82,12 +87,12 @@ def test_every_rank_matches_single_process(runs, n, layout, model):
     ref_logits = single.logits(ids)
     ref_greedy = single.generate(ids, max_new_tokens=8)
     for r, res in enumerate(_results(runs, n, layout, model)):
-        np.testing.assert_allclose(res["logits"], ref_logits, atol=1e-5, rtol=0, err_msg=f"rank {r}")
+        np.testing.assert_allclose(res["logits"], ref_logits, **TOL, err_msg=f"rank {r}")
         np.testing.assert_array_equal(res["greedy"], ref_greedy, err_msg=f"rank {r}")
         if "logits_row1" in res:
-            np.testing.assert_allclose(res["logits_row1"], ref_logits[1:], atol=1e-5, rtol=0, err_msg=f"rank {r}")
+            np.testing.assert_allclose(res["logits_row1"], ref_logits[1:], **TOL, err_msg=f"rank {r}")
         if "mtp_logits" in res:
-            np.testing.assert_allclose(res["mtp_logits"], single.mtp_logits(ids), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(res["mtp_logits"], single.mtp_logits(ids), **TOL)
         if r == 0 and "engine_tokens" in res:  # the engine in lockstep: rank 0 schedules and samples
             np.testing.assert_array_equal(res["engine_tokens"], ref_greedy[:, ids.shape[1]:])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,14 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c++14"]
 def cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "deepseek_ms", "kernels")
+
+
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return platform.processor().encode()
 
 
 def _compiler() -> Optional[str]:
@@ -46,7 +55,8 @@ def build(compiler: Optional[str] = None, out_dir: Optional[str] = None) -> str:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"C++ compiler {compiler!r} does not run: {e}") from e
-    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    # -march=native: a library built on one CPU may not run on another sharing the cache
+    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode() + _cpu_flags()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     path = os.path.join(out_dir, f"cpu_kernels-{key}.so")
     if os.path.isfile(path):

@@ -33,13 +33,14 @@ namespace {
 class Pool {
  public:
   static Pool &get() {
-    static Pool pool;
-    return pool;
+    // never destroyed: MindSpore threads may still call kernels while the process exits
+    static Pool *pool = new Pool();
+    return *pool;
   }
   // Calls f(i) for i in [0, n), spread over the calling thread and the workers.
   void run(int64_t n, const std::function<void(int64_t)> &f) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (n <= 1 || workers_.empty() || !busy.owns_lock()) {  // a concurrent caller runs alone
+    if (n <= 1 || workers_ == 0 || !busy.owns_lock()) {  // a concurrent caller runs alone
       for (int64_t i = 0; i < n; ++i) f(i);
       return;
     }
@@ -71,15 +72,7 @@ class Pool {
   Pool() {
     cpu_set_t set;
     int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    for (int i = 1; i < cpus; ++i) workers_.emplace_back([this] { loop(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto &t : workers_) t.join();
+    for (workers_ = 0; workers_ < cpus - 1; ++workers_) std::thread([this] { loop(); }).detach();
   }
   void loop() {
     uint64_t seen = 0;
@@ -87,20 +80,18 @@ class Pool {
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        wake_.wait(lk, [&] { return generation_ != seen || stop_; });
-        if (stop_) return;
+        wake_.wait(lk, [&] { return generation_ != seen; });
         seen = generation_;
         job = job_;
       }
       job->work();
     }
   }
-  std::vector<std::thread> workers_;
+  int workers_ = 0;
   std::mutex run_mu_, mu_;
   std::condition_variable wake_;
   std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
-  bool stop_ = false;
 };
 
 inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Pool::get().run(n, f); }
