@@ -21,7 +21,8 @@ from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts", "native_router")
+NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
+                "native_softmax")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,8 @@ class _Call(nn.Cell):
     def construct(self, *args):
         if self.method == "cached":
             return self.cell.cached(*args)
+        if self.method == "prefill":
+            return self.cell.prefill(*args)
         return self.cell(*args)
 
 
@@ -133,6 +136,24 @@ def test_absorbed_decode_attention(kernels, S):
     self_mask = np.broadcast_to(causal, (B, S, S)).copy()
     args = [ms.Tensor(a) for a in (x, cos, sin, cache, past, self_mask)]
     native, reference = _both(cell, kernels, *args, method="cached")
+    for got, want in zip(_numpy(native), _numpy(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_expanded_prefill_attention(kernels):
+    """Prefill attention with the fused score softmax (and native rope / latent norm) against
+    MindSpore's ops, with a causal mask and a padded row."""
+    config, cell, rng = _attention(3)
+    B, S = 2, 7
+    x = rng.standard_normal((B, S, config.hidden_size)).astype(np.float32)
+    h = config.qk_rope_head_dim // 2
+    cos = rng.standard_normal((B, S, h)).astype(np.float32)
+    sin = rng.standard_normal((B, S, h)).astype(np.float32)
+    mask = np.broadcast_to(np.triu(np.full((S, S), -1e30, np.float32), 1), (B, S, S)).copy()
+    mask[1, :, 4:] = -1e30
+    mask[1, 4:, 4:] = np.triu(np.full((3, 3), -1e30, np.float32), 1)  # padded tail still sees itself
+    args = [ms.Tensor(a) for a in (x, cos, sin, mask)]
+    native, reference = _both(cell, kernels, *args, method="prefill")
     for got, want in zip(_numpy(native), _numpy(reference)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 

@@ -116,6 +116,13 @@ class CpuKernels:
         return ops.Custom(f"{self.library}:dsms_mla_decode", out_shape=_mla_out_shape,
                           out_dtype=lambda q, n, c, pm, sm, w, sc: q, func_type="aot")
 
+    def mla_prefill_softmax(self):
+        """(nope scores [B,nh,S,T], rope scores [B,S,nh,T], mask [B,S,T], scale [1]) ->
+        softmax((nope + rope) * scale + mask) as [B,nh,S,T]."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_mla_prefill_softmax", out_shape=lambda a, r, m, s: a,
+                          out_dtype=lambda a, r, m, s: a, func_type="aot")
+
     def moe_experts(self):
         """(x [N,H], global expert ids [N,k] int32, first local expert [1] int32, weights
         [N,k], gate/up [E,I,H], down [E,H,I]) -> y [N,H], float32: the sum over each token's

@@ -498,3 +498,81 @@ extern "C" int dsms_router(int nparam, void **params, int *ndims, int64_t **shap
   }
   return 0;
 }
+
+namespace {
+
+#ifdef __AVX2__
+// exp for 8 lanes: x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients),
+// times 2^n; about 1 ulp on the softmax's range, several times faster than std::exp.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// p[t] = exp(p[t] - mx), and exactly 0 where the additive mask removed the entry (as
+// exp(-1e30 - mx) is in the reference), unless the whole row is masked.
+inline void exp_shifted(float *p, const float *mask, int64_t T, float mx) {
+  const bool live = mx > -1e29f;
+  int64_t t = 0;
+#ifdef __AVX2__
+  const __m256 vmx = _mm256_set1_ps(mx), cut = _mm256_set1_ps(-1e29f);
+  for (; t + 8 <= T; t += 8) {
+    __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+    if (live) v = _mm256_and_ps(v, _mm256_cmp_ps(_mm256_loadu_ps(mask + t), cut, _CMP_GT_OQ));
+    _mm256_storeu_ps(p + t, v);
+  }
+#endif
+  for (; t < T; ++t) p[t] = (live && mask[t] <= -1e29f) ? 0.0f : std::exp(p[t] - mx);
+}
+
+}  // namespace
+
+// Softmax of expanded MLA's prefill scores, fused with their assembly:
+//   probs[b,h,i,:] = softmax((nope[b,h,i,:] + rope[b,i,h,:]) * scale + mask[b,i,:])
+// Inputs: nope [B,nh,S,T], rope [B,S,nh,T] (the shared rope key's scores, in the layout its
+// matmul produces), mask [B,S,T] additive, scale [1]. Output probs [B,nh,S,T].
+extern "C" int dsms_mla_prefill_softmax(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *stream, void *extra) {
+  if (nparam != 5) return 1;
+  const float *nope = static_cast<const float *>(params[0]);
+  const float *rope = static_cast<const float *>(params[1]);
+  const float *mask = static_cast<const float *>(params[2]);
+  const float scale = *static_cast<const float *>(params[3]);
+  float *probs = static_cast<float *>(params[4]);
+  const int64_t B = shapes[0][0], nh = shapes[0][1], S = shapes[0][2], T = shapes[0][3];
+  const int64_t rows_per_item = 16;
+  const int64_t rows = B * nh * S;
+  parallel_for((rows + rows_per_item - 1) / rows_per_item, [&](int64_t item) {
+    const int64_t end = (item + 1) * rows_per_item < rows ? (item + 1) * rows_per_item : rows;
+    for (int64_t row = item * rows_per_item; row < end; ++row) {
+      const int64_t i = row % S, h = (row / S) % nh, b = row / (S * nh);
+      const float *a = nope + row * T;
+      const float *r = rope + ((b * S + i) * nh + h) * T;
+      const float *m = mask + (b * S + i) * T;
+      float *p = probs + row * T;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        p[t] = (a[t] + r[t]) * scale + m[t];
+        mx = p[t] > mx ? p[t] : mx;
+      }
+      exp_shifted(p, m, T, mx);
+      float sum = 0.0f;
+      for (int64_t t = 0; t < T; ++t) sum += p[t];
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < T; ++t) p[t] *= inv;
+    }
+  });
+  return 0;
+}

@@ -62,12 +62,14 @@ class MLAttention(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.native_rope = None
         self.native_decode = None
+        self.native_softmax = None
         self.scale_tensor = ms.Tensor([self.softmax_scale], ms.float32)
 
     def use_kernels(self, kernels) -> None:
         self.native_rope = kernels.rope() if kernels is not None else None
         dense32 = self.kv_b_proj.fmt.name == "dense" and self.kv_b_proj.weight.dtype == ms.float32
         self.native_decode = kernels.mla_decode() if kernels is not None and dense32 else None
+        self.native_softmax = kernels.mla_prefill_softmax() if kernels is not None else None
 
     def _project(self, x, cos, sin):
         """(q [B,S,nh,dn+dr] with its rope part rotated, the new tokens' latent [c_kv ; k_pe])."""
@@ -104,9 +106,12 @@ class MLAttention(nn.Cell):
         v = kv[:, :, :, dn:]
         scores = self.bmm_t(q_nope.transpose(0, 2, 1, 3), k_nope.transpose(0, 2, 1, 3))       # [B,nh,S,S]
         # the rope key is one head shared by all query heads: fold heads into the query axis
-        s_pe = self.bmm_t(q_pe.reshape(B, S * nh, dr), k_pe).reshape(B, S, nh, S).transpose(0, 2, 1, 3)
-        scores = (scores + s_pe).astype(ms.float32) * self.softmax_scale + mask.expand_dims(1)
-        probs = ops.softmax(scores, -1).astype(v.dtype)
+        s_pe = self.bmm_t(q_pe.reshape(B, S * nh, dr), k_pe).reshape(B, S, nh, S)
+        if self.native_softmax is not None and not self.training and x.dtype == ms.float32:
+            probs = self.native_softmax(scores, s_pe, mask, self.scale_tensor)
+        else:
+            scores = (scores + s_pe.transpose(0, 2, 1, 3)).astype(ms.float32) * self.softmax_scale
+            probs = ops.softmax(scores + mask.expand_dims(1), -1).astype(v.dtype)
         out = self.bmm(probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).reshape(B, S, nh * dv)
         return self.o_proj(out), latent
 
