@@ -425,7 +425,11 @@ def test_engine_down_is_503_and_recovers(stack, client):
 
 
 def test_sigterm_finishes_the_stream_refuses_new_and_exits(stack):
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.0, "ignore_eos": True,
+    # long enough to still be streaming when the new request arrives 0.5 s after SIGTERM
+    # (30 tokens took under 0.5 s once decode got fast), short enough to stay in one
+    # compiled block-table width (prompt + tokens < 256)
+    tokens = 240
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     with httpx.Client(base_url=stack.base, timeout=300) as http:
         with http.stream("POST", "/v1/completions", json=body) as r:
@@ -439,7 +443,7 @@ def test_sigterm_finishes_the_stream_refuses_new_and_exits(stack):
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         chunks = [json.loads(x[6:]) for x in [first] + rest[:-1]]
-        assert chunks[-1]["usage"]["completion_tokens"] == 30
+        assert chunks[-1]["usage"]["completion_tokens"] == tokens
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     assert stack.api.wait(60) == 0 and stack.engine.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
