@@ -11,6 +11,7 @@ When no compiler works, `load()` returns None and the model keeps MindSpore's op
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -141,15 +142,12 @@ class CpuKernels:
                           out_dtype=lambda x, w, b, c: (ms.int32, ms.float32), func_type="aot")
 
 
-_LOADED: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def load() -> Optional[CpuKernels]:
-    """The CPU kernels, built if needed; None (with a warning) when they cannot be built."""
-    if "kernels" not in _LOADED:
-        try:
-            _LOADED["kernels"] = CpuKernels(build())
-        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            logger.warning("CPU kernels unavailable, using MindSpore's ops only: %s", e)
-            _LOADED["kernels"] = None
-    return _LOADED["kernels"]
+    """The CPU kernels, built if needed (once per process); None (with a warning) when they
+    cannot be built."""
+    try:
+        return CpuKernels(build())
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        logger.warning("CPU kernels unavailable, using MindSpore's ops only: %s", e)
+        return None

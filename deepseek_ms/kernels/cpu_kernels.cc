@@ -241,13 +241,16 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
     urows[r] = ubuf.data() + r * I;
     yrows[r] = ybuf.data() + r * H;
   }
-  // work items: (expert, block of output rows), only for experts with tokens
-  std::vector<std::pair<int64_t, int64_t>> items;
-  for (int64_t e = 0; e < E; ++e)
-    if (start[e + 1] > start[e])
-      for (int64_t b = 0; b < I; b += kBlock) items.emplace_back(e, b);
-  const int64_t n_up = static_cast<int64_t>(items.size());
-  parallel_for(n_up, [&](int64_t it) {
+  // work items: (expert, first of kBlock output rows), only for experts with tokens
+  auto blocks_of = [&](int64_t rows) {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    for (int64_t e = 0; e < E; ++e)
+      if (start[e + 1] > start[e])
+        for (int64_t b = 0; b < rows; b += kBlock) items.emplace_back(e, b);
+    return items;
+  };
+  auto items = blocks_of(I);
+  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
     const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < I ? b0 + kBlock : I;
     const int64_t r0 = start[e], m = start[e + 1] - r0;
     rows_times_weight(xrows.data() + r0, m, gate + e * I * H, H, b0, b1, hrows.data() + r0);
@@ -255,12 +258,8 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
     for (int64_t r = r0; r < r0 + m; ++r)
       for (int64_t i = b0; i < b1; ++i) hrows[r][i] = silu(hrows[r][i]) * urows[r][i];
   });
-  items.clear();
-  for (int64_t e = 0; e < E; ++e)
-    if (start[e + 1] > start[e])
-      for (int64_t b = 0; b < H; b += kBlock) items.emplace_back(e, b);
-  const int64_t n_down = static_cast<int64_t>(items.size());
-  parallel_for(n_down, [&](int64_t it) {
+  items = blocks_of(H);
+  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
     const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < H ? b0 + kBlock : H;
     const int64_t r0 = start[e], m = start[e + 1] - r0;
     rows_times_weight(hrows.data() + r0, m, down + e * H * I, I, b0, b1, yrows.data() + r0);

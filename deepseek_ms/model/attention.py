@@ -67,8 +67,7 @@ class MLAttention(nn.Cell):
 
     def use_kernels(self, kernels) -> None:
         self.native_rope = kernels.rope() if kernels is not None else None
-        dense32 = self.kv_b_proj.fmt.name == "dense" and self.kv_b_proj.weight.dtype == ms.float32
-        self.native_decode = kernels.mla_decode() if kernels is not None and dense32 else None
+        self.native_decode = kernels.mla_decode() if kernels is not None and self.kv_b_proj.dense_fp32 else None
         self.native_softmax = kernels.mla_prefill_softmax() if kernels is not None else None
 
     def _project(self, x, cos, sin):

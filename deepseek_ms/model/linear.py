@@ -79,10 +79,14 @@ class Linear(nn.Cell):
         self.reduce = AllReduce(tp.name, tp.size) if role == "row" else None
         self.native_linear = None
 
+    @property
+    def dense_fp32(self) -> bool:
+        """Plain fp32 weights: what the native kernels read."""
+        return self.fmt is DenseWeight and self.weight.dtype == ms.float32
+
     def use_kernels(self, kernels) -> None:
         """Route few-row fp32 products of dense weights through `kernels.linear` (inference only)."""
-        dense32 = self.fmt is DenseWeight and self.weight.dtype == ms.float32
-        self.native_linear = kernels.linear() if kernels is not None and dense32 else None
+        self.native_linear = kernels.linear() if kernels is not None and self.dense_fp32 else None
 
     def construct(self, x):
         shape = x.shape
