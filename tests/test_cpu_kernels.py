@@ -107,8 +107,9 @@ def test_rope_on_trailing_columns(kernels, shape):
     np.testing.assert_allclose(got[..., -dr:], want, **TOL)
 
 
-def _attention(seed=0):
+def _attention(seed=0, **overrides):
     config = DeepseekConfig.from_pretrained(str(fixture_dir("deepseek_v3_tiny")))
+    config = dataclasses.replace(config, **overrides)
     cell = MLAttention(config)
     rng = np.random.default_rng(seed)
     for name, p in cell.parameters_and_names():
@@ -119,11 +120,17 @@ def _attention(seed=0):
 
 
 @pytest.mark.parametrize("S", [1, 2])
-def test_absorbed_decode_attention(kernels, S):
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("shape", [{}, {"num_attention_heads": 6, "kv_lora_rank": 40}],
+                         ids=["4heads", "6heads-r40"])
+def test_absorbed_decode_attention(kernels, S, paged, shape):
     """The fused absorbed-MLA kernel against the BatchMatMul form, with padded past slots
-    and a causal mask among the new tokens."""
-    config, cell, rng = _attention(S)
-    B, T, L = 3, 12, config.latent_dim
+    (a visible slot after a masked one too) and a causal mask among the new tokens; over a
+    contiguous cache and over a paged pool read through a shuffled block table. The second
+    shape has a head group and latent columns that do not fill the kernel's tiles."""
+    config, cell, rng = _attention(S, **shape)
+    B, block, MB, L = 3, 4, 3, config.latent_dim
+    T = block * MB
     x = rng.standard_normal((B, S, config.hidden_size)).astype(np.float32)
     h = config.qk_rope_head_dim // 2
     cos = rng.standard_normal((B, S, h)).astype(np.float32)
@@ -132,12 +139,27 @@ def test_absorbed_decode_attention(kernels, S):
     past = np.full((B, S, T), -1e30, np.float32)
     for b, n in enumerate((12, 5, 1)):
         past[b, :, :n] = 0
+    past[1, :, 2] = -1e30
     causal = np.triu(np.full((S, S), -1e30, np.float32), 1)
     self_mask = np.broadcast_to(causal, (B, S, S)).copy()
-    args = [ms.Tensor(a) for a in (x, cos, sin, cache, past, self_mask)]
+    args = [ms.Tensor(a) for a in (x, cos, sin)]
+    if paged:
+        tables = rng.permutation(B * MB).reshape(B, MB).astype(np.int32) + 1
+        pool = rng.standard_normal((B * MB + 1, block, L)).astype(np.float32)
+        for b in range(B):
+            for j in range(MB):
+                pool[tables[b, j]] = cache[b, j * block:(j + 1) * block]
+        args += [ms.Tensor(a) for a in (pool, past, self_mask, tables)]
+    else:
+        args += [ms.Tensor(a) for a in (cache, past, self_mask)]
     native, reference = _both(cell, kernels, *args, method="cached")
     for got, want in zip(_numpy(native), _numpy(reference)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if paged:  # the paged reference itself equals attention over the contiguous cache
+        use_kernels(cell, None)
+        contiguous = ms.jit(_Call(cell, "cached"))(*args[:3], *[ms.Tensor(a) for a in (cache, past, self_mask)])
+        for got, want in zip(_numpy(native), _numpy(contiguous)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_expanded_prefill_attention(kernels):

@@ -77,7 +77,7 @@ def build(compiler: Optional[str] = None, out_dir: Optional[str] = None) -> str:
     return path
 
 
-def _mla_out_shape(q, new, cache, past_mask, self_mask, kv_b, scale):
+def _mla_out_shape(q, new, pool, tables, past_mask, self_mask, kv_b, scale):
     B, S, heads, qk_head_dim = q
     rope_dim = new[2] - kv_b[1]                    # latent = kv_lora_rank + rope dims
     v_head_dim = kv_b[0] // heads - (qk_head_dim - rope_dim)
@@ -110,12 +110,13 @@ class CpuKernels:
                           out_dtype=lambda x, c, s: x, func_type="aot")
 
     def mla_decode(self):
-        """Absorbed MLA for a few new tokens: (q [B,S,nh,dn+dr], new latents [B,S,L], cache
-        [B,T,L], past_mask [B,S,T], self_mask [B,S,S], kv_b_proj weight [nh*(dn+dv), r],
-        softmax scale [1]) -> attention output [B,S,nh*dv] before o_proj."""
+        """Absorbed MLA for a few new tokens: (q [B,S,nh,dn+dr], new latents [B,S,L], paged
+        pool [num_blocks,bs,L], block tables [B,MB] int32, past_mask [B,S,MB*bs], self_mask
+        [B,S,S], kv_b_proj weight [nh*(dn+dv), r], softmax scale [1]) -> attention output
+        [B,S,nh*dv] before o_proj."""
         from mindspore import ops
         return ops.Custom(f"{self.library}:dsms_mla_decode", out_shape=_mla_out_shape,
-                          out_dtype=lambda q, n, c, pm, sm, w, sc: q, func_type="aot")
+                          out_dtype=lambda q, n, p, t, pm, sm, w, sc: q, func_type="aot")
 
     def mla_prefill_softmax(self):
         """(nope scores [B,nh,S,T], rope scores [B,S,nh,T], mask [B,S,T], scale [1]) ->

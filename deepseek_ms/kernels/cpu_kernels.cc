@@ -8,6 +8,7 @@
 // it walks the activation rows, so each weight byte comes from memory once per call.
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -99,6 +100,7 @@ inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Poo
 constexpr int kRows = 3;    // activation rows per micro-kernel call (3x4 accumulators: best on AVX2)
 constexpr int kCols = 4;    // weight rows per micro-kernel call
 constexpr int kBlock = 32;  // weight rows per parallel work item
+constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode (even)
 
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
@@ -138,7 +140,7 @@ inline void dots(const float *const *a, const float *const *b, int64_t K, float 
 
 // y[m][n] = dot(x[m], w[n]) for n in [n0, n1): x and y given as row pointers (y rows are
 // written at column n). Weight rows are visited in groups of kCols, activation rows in
-// pairs, with a single-row / single-column tail.
+// groups of kRows, with a two- or one-row and a single-column tail.
 void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
                        float *const *y) {
   float out[kRows * kCols];
@@ -151,7 +153,10 @@ void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t
       dots<kRows, kCols>(x + m, b, K, out);
       for (int r = 0; r < kRows; ++r) std::memcpy(y[m + r] + n, out + r * kCols, sizeof(float) * kCols);
     }
-    for (; m < M; ++m) {
+    if (M - m == 2) {
+      dots<2, kCols>(x + m, b, K, out);
+      for (int r = 0; r < 2; ++r) std::memcpy(y[m + r] + n, out + r * kCols, sizeof(float) * kCols);
+    } else if (M - m == 1) {
       dots<1, kCols>(x + m, b, K, out);
       std::memcpy(y[m] + n, out, sizeof(float) * kCols);
     }
@@ -348,64 +353,172 @@ inline float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+#ifdef __AVX2__
+// exp for 8 lanes: x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients),
+// times 2^n; about 1 ulp on the softmax's range, several times faster than std::exp.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// p[t] = exp(p[t] - mx), and exactly 0 where the additive mask removed the entry (as
+// exp(-1e30 - mx) is in the reference), unless the whole row is masked.
+inline void exp_shifted(float *p, const float *mask, int64_t T, float mx) {
+  const bool live = mx > -1e29f;
+  int64_t t = 0;
+#ifdef __AVX2__
+  const __m256 vmx = _mm256_set1_ps(mx), cut = _mm256_set1_ps(-1e29f);
+  for (; t + 8 <= T; t += 8) {
+    __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+    if (live) v = _mm256_and_ps(v, _mm256_cmp_ps(_mm256_loadu_ps(mask + t), cut, _CMP_GT_OQ));
+    _mm256_storeu_ps(p + t, v);
+  }
+#endif
+  for (; t < T; ++t) p[t] = (live && mask[t] <= -1e29f) ? 0.0f : std::exp(p[t] - mx);
+}
+
 }  // namespace
 
-// Absorbed MLA for a few new tokens per sequence (decode), per (sequence, token, head):
-//   q_lat = W_UK^T q_nope; scores against the cached latents and the new ones (additive
-//   masks); softmax; o_lat = probs @ latents[:, :r]; out = W_UV o_lat.
-// W_UK / W_UV are read in place from kv_b_proj's weight [nh*(dn+dv), r].
-// Inputs: q [B,S,nh,dn+dr] (rope applied), new [B,S,L], cache [B,T,L], past_mask [B,S,T],
-// self_mask [B,S,S], kv_b [nh*(dn+dv), r], scale [1]. Output: out [B,S,nh*dv].
+// Absorbed MLA for a few new tokens per sequence (decode). For each (sequence, token) and
+// group of kHeadGroup heads:
+//   q_lat = W_UK^T q_nope per head; scores against the cached latents and the new ones
+//   (additive masks); softmax; o_lat = probs @ latents[:, :r]; out = W_UV o_lat / denom.
+// The heads of a group share every latent row they read, so each row is loaded once per
+// group; cached positions after the last visible one are skipped (their weight is exactly
+// 0 in the reference), so a short sequence in a wide block table costs only its length.
+// The cached latents are read in place from the paged pool through the block table, and
+// W_UK / W_UV from kv_b_proj's weight [nh*(dn+dv), r].
+// Inputs: q [B,S,nh,dn+dr] (rope applied), new [B,S,L], pool [num_blocks,bs,L], tables
+// [B,MB] int32 (cached position t of sequence b is row t % bs of block tables[b, t / bs]),
+// past_mask [B,S,MB*bs], self_mask [B,S,S], kv_b [nh*(dn+dv), r], scale [1].
+// Output: out [B,S,nh*dv].
 extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 8) return 1;
+  if (nparam != 9) return 1;
   const float *q = static_cast<const float *>(params[0]);
   const float *nw = static_cast<const float *>(params[1]);
-  const float *cache = static_cast<const float *>(params[2]);
-  const float *past_mask = static_cast<const float *>(params[3]);
-  const float *self_mask = static_cast<const float *>(params[4]);
-  const float *kv_b = static_cast<const float *>(params[5]);
-  const float scale = *static_cast<const float *>(params[6]);
-  float *out = static_cast<float *>(params[7]);
+  const float *pool = static_cast<const float *>(params[2]);
+  const int32_t *tables = static_cast<const int32_t *>(params[3]);
+  const float *past_mask = static_cast<const float *>(params[4]);
+  const float *self_mask = static_cast<const float *>(params[5]);
+  const float *kv_b = static_cast<const float *>(params[6]);
+  const float scale = *static_cast<const float *>(params[7]);
+  float *out = static_cast<float *>(params[8]);
   const int64_t B = shapes[0][0], S = shapes[0][1], nh = shapes[0][2], dq = shapes[0][3];
-  const int64_t L = shapes[1][2], T = shapes[2][1], r = shapes[5][1];
-  const int64_t dr = L - r, dn = dq - dr;
-  const int64_t dv = shapes[5][0] / nh - dn;
-  parallel_for(B * S * nh, [&](int64_t item) {
-    const int64_t h = item % nh, bs = item / nh, b = bs / S;
-    const float *qh = q + item * dq;
-    const float *wh = kv_b + h * (dn + dv) * r;  // rows: dn key rows, then dv value rows
-    std::vector<float> q_full(L, 0.0f), o_lat(r, 0.0f), p(T + S);
-    for (int64_t d = 0; d < dn; ++d) {
-      const float qd = qh[d];
-      const float *row = wh + d * r;
-      for (int64_t c = 0; c < r; ++c) q_full[c] += qd * row[c];
-    }
-    std::memcpy(q_full.data() + r, qh + dn, sizeof(float) * dr);
-    const float *cb = cache + b * T * L, *nb = nw + b * S * L;
+  const int64_t L = shapes[1][2], block_size = shapes[2][1], MB = shapes[3][1], r = shapes[6][1];
+  const int64_t T = MB * block_size, dr = L - r, dn = dq - dr;
+  const int64_t dv = shapes[6][0] / nh - dn;
+  constexpr int G = kHeadGroup;
+  const int64_t groups = (nh + G - 1) / G;
+  parallel_for(B * S * groups, [&](int64_t item) {
+    const int64_t h0 = (item % groups) * G, bs = item / groups, b = bs / S;
+    const int64_t heads = nh - h0 < G ? nh - h0 : G;
     const float *pm = past_mask + bs * T, *sm = self_mask + bs * S;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < T; ++t) {
-      p[t] = dot(q_full.data(), cb + t * L, L) * scale + pm[t];
-      m = p[t] > m ? p[t] : m;
+    int64_t Tv = T;
+    while (Tv > 0 && pm[Tv - 1] <= -1e29f) --Tv;
+    const int64_t n = Tv + S;  // keys: the visible cached latents, then the new ones
+    thread_local std::vector<float> buf;
+    thread_local std::vector<const float *> keys;
+    buf.resize(G * L + G * n + n + G * r);
+    keys.resize(n);
+    float *q_full = buf.data(), *p = q_full + G * L, *mask = p + G * n, *o_lat = mask + n;
+    std::memcpy(mask, pm, sizeof(float) * Tv);
+    std::memcpy(mask + Tv, sm, sizeof(float) * S);
+    for (int64_t t = 0; t < Tv; ++t) keys[t] = pool + (tables[b * MB + t / block_size] * block_size + t % block_size) * L;
+    for (int64_t j = 0; j < S; ++j) keys[Tv + j] = nw + (b * S + j) * L;
+    // absent heads of a short last group get zero queries; their rows are never stored
+    std::fill(q_full, q_full + G * L, 0.0f);
+    for (int64_t g = 0; g < heads; ++g) {
+      const float *qh = q + (bs * nh + h0 + g) * dq;
+      const float *w_uk = kv_b + (h0 + g) * (dn + dv) * r;
+      float *qg = q_full + g * L;
+      int64_t c = 0;
+#ifdef __AVX2__
+      for (; c + 32 <= r; c += 32) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t d = 0; d < dn; ++d) {
+          const __m256 qd = _mm256_broadcast_ss(qh + d);
+          for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(w_uk + d * r + c + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(qg + c + 8 * j, acc[j]);
+      }
+#endif
+      for (; c < r; ++c)
+        for (int64_t d = 0; d < dn; ++d) qg[c] += qh[d] * w_uk[d * r + c];
+      std::memcpy(qg + r, qh + dn, sizeof(float) * dr);
     }
-    for (int64_t j = 0; j < S; ++j) {
-      p[T + j] = dot(q_full.data(), nb + j * L, L) * scale + sm[j];
-      m = p[T + j] > m ? p[T + j] : m;
+    const float *qrows[G];
+    for (int g = 0; g < G; ++g) qrows[g] = q_full + g * L;
+    float tile[2 * kCols];
+    int64_t t = 0;
+    for (; t + kCols <= n; t += kCols)
+      for (int g = 0; g < G; g += 2) {
+        dots<2, kCols>(qrows + g, keys.data() + t, L, tile);
+        for (int i = 0; i < 2; ++i)
+          for (int c = 0; c < kCols; ++c) p[(g + i) * n + t + c] = tile[i * kCols + c] * scale + mask[t + c];
+      }
+    for (; t < n; ++t)
+      for (int g = 0; g < G; ++g) p[g * n + t] = dot(qrows[g], keys[t], L) * scale + mask[t];
+    float inv_denom[G];
+    for (int g = 0; g < G; ++g) {
+      float *pg = p + g * n;
+      float mx = -INFINITY;
+      for (int64_t i = 0; i < n; ++i) mx = pg[i] > mx ? pg[i] : mx;
+      exp_shifted(pg, mask, n, mx);
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n; ++i) sum += pg[i];
+      inv_denom[g] = 1.0f / sum;
     }
-    float denom = 0.0f;
-    for (int64_t t = 0; t < T + S; ++t) {
-      p[t] = std::exp(p[t] - m);
-      denom += p[t];
+    int64_t c = 0;
+#ifdef __AVX2__
+    for (; c + 16 <= r; c += 16) {
+      __m256 acc[G][2];
+      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m256 k0 = _mm256_loadu_ps(keys[i] + c), k1 = _mm256_loadu_ps(keys[i] + c + 8);
+        for (int g = 0; g < G; ++g) {
+          const __m256 pg = _mm256_broadcast_ss(p + g * n + i);
+          acc[g][0] = _mm256_fmadd_ps(pg, k0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(pg, k1, acc[g][1]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        _mm256_storeu_ps(o_lat + g * r + c, acc[g][0]);
+        _mm256_storeu_ps(o_lat + g * r + c + 8, acc[g][1]);
+      }
     }
-    for (int64_t t = 0; t < T + S; ++t) {
-      if (p[t] == 0.0f) continue;
-      const float pt = p[t];
-      const float *row = t < T ? cb + t * L : nb + (t - T) * L;
-      for (int64_t c = 0; c < r; ++c) o_lat[c] += pt * row[c];
+#endif
+    for (; c < r; ++c)
+      for (int g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < n; ++i) s += p[g * n + i] * keys[i][c];
+        o_lat[g * r + c] = s;
+      }
+    for (int64_t g = 0; g < heads; ++g) {
+      const float *w_uv = kv_b + ((h0 + g) * (dn + dv) + dn) * r;
+      float *oh = out + (bs * nh + h0 + g) * dv;
+      const float *og[1] = {o_lat + g * r};
+      int64_t v = 0;
+      for (; v + kCols <= dv; v += kCols) {
+        const float *rows[kCols];
+        for (int j = 0; j < kCols; ++j) rows[j] = w_uv + (v + j) * r;
+        dots<1, kCols>(og, rows, r, tile);
+        for (int j = 0; j < kCols; ++j) oh[v + j] = tile[j] * inv_denom[g];
+      }
+      for (; v < dv; ++v) oh[v] = dot(og[0], w_uv + v * r, r) * inv_denom[g];
     }
-    float *oh = out + bs * nh * dv + h * dv;
-    for (int64_t v = 0; v < dv; ++v) oh[v] = dot(o_lat.data(), wh + (dn + v) * r, r) / denom;
   });
   return 0;
 }
@@ -497,46 +610,6 @@ extern "C" int dsms_router(int nparam, void **params, int *ndims, int64_t **shap
   }
   return 0;
 }
-
-namespace {
-
-#ifdef __AVX2__
-// exp for 8 lanes: x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients),
-// times 2^n; about 1 ulp on the softmax's range, several times faster than std::exp.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
-
-// p[t] = exp(p[t] - mx), and exactly 0 where the additive mask removed the entry (as
-// exp(-1e30 - mx) is in the reference), unless the whole row is masked.
-inline void exp_shifted(float *p, const float *mask, int64_t T, float mx) {
-  const bool live = mx > -1e29f;
-  int64_t t = 0;
-#ifdef __AVX2__
-  const __m256 vmx = _mm256_set1_ps(mx), cut = _mm256_set1_ps(-1e29f);
-  for (; t + 8 <= T; t += 8) {
-    __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
-    if (live) v = _mm256_and_ps(v, _mm256_cmp_ps(_mm256_loadu_ps(mask + t), cut, _CMP_GT_OQ));
-    _mm256_storeu_ps(p + t, v);
-  }
-#endif
-  for (; t < T; ++t) p[t] = (live && mask[t] <= -1e29f) ? 0.0f : std::exp(p[t] - mx);
-}
-
-}  // namespace
 
 // Softmax of expanded MLA's prefill scores, fused with their assembly:
 //   probs[b,h,i,:] = softmax((nope[b,h,i,:] + rope[b,i,h,:]) * scale + mask[b,i,:])

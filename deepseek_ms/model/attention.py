@@ -32,6 +32,13 @@ LATENT_NORM_EPS = 1e-6
 NATIVE_DECODE_TOKENS = 4
 
 
+def gather_blocks(pool, block_tables):
+    """pool [num_blocks,block_size,D], block_tables [B,MB] -> [B,MB*block_size,D]: each
+    sequence's cache in token order (gathered position t is token position t)."""
+    B, MB = block_tables.shape
+    return ops.gather(pool, block_tables, 0).reshape(B, MB * pool.shape[1], pool.shape[2])
+
+
 class MLAttention(nn.Cell):
     def __init__(self, config: DeepseekConfig, tp: TPGroup = NO_TP, param_dtype=ms.float32):
         super().__init__()
@@ -114,11 +121,14 @@ class MLAttention(nn.Cell):
         out = self.bmm(probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).reshape(B, S, nh * dv)
         return self.o_proj(out), latent
 
-    def cached(self, x, cos, sin, cache, past_mask, self_mask):
+    def cached(self, x, cos, sin, cache, past_mask, self_mask, block_tables=None):
         """Absorbed MLA: S new tokens attend to T cached latents and to themselves.
 
-        cache [B,T,latent_dim] (read only); past_mask [B,S,T]; self_mask [B,S,S] (additive).
-        Returns (out [B,S,H], new latent rows [B,S,latent_dim]) -- the caller stores the rows.
+        cache: [B,T,latent_dim], or with `block_tables` [B,MB] a paged pool
+        [num_blocks,block_size,latent_dim] of which each sequence's blocks hold its T =
+        MB*block_size positions in order (read only). past_mask [B,S,T]; self_mask [B,S,S]
+        (additive). Returns (out [B,S,H], new latent rows [B,S,latent_dim]) -- the caller
+        stores the rows.
         """
         B, S, _ = x.shape
         nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
@@ -126,8 +136,13 @@ class MLAttention(nn.Cell):
         q, new = self._project(x, cos, sin)
         if (self.native_decode is not None and not self.training and S <= NATIVE_DECODE_TOKENS
                 and x.dtype == ms.float32):
-            o = self.native_decode(q, new, cache, past_mask, self_mask, self.kv_b_proj.weight, self.scale_tensor)
+            if block_tables is None:  # a contiguous cache is a pool of B blocks of T rows
+                block_tables = ops.arange(B, dtype=ms.int32).reshape(B, 1)
+            o = self.native_decode(q, new, cache, block_tables, past_mask, self_mask, self.kv_b_proj.weight,
+                                   self.scale_tensor)
             return self.o_proj(o), new
+        if block_tables is not None:
+            cache = gather_blocks(cache, block_tables)
         q_nope, q_pe = q[:, :, :, :dn], q[:, :, :, dn:]
         w = self.kv_b_proj.weight.astype(x.dtype).reshape(nh, dn + dv, r)
         w_uk = w[:, :dn, :]                                                     # [nh,dn,r]

@@ -66,8 +66,9 @@ class DecoderLayer(nn.Cell):
         h, routing = self._ffn(x + a)
         return h, latent, routing
 
-    def cached(self, x, cos, sin, cache, past_mask, self_mask):
-        a, latent = self.self_attn.cached(self.input_layernorm(x), cos, sin, cache, past_mask, self_mask)
+    def cached(self, x, cos, sin, cache, past_mask, self_mask, block_tables=None):
+        a, latent = self.self_attn.cached(self.input_layernorm(x), cos, sin, cache, past_mask, self_mask,
+                                          block_tables)
         h, routing = self._ffn(x + a)
         return h, latent, routing
 
@@ -155,13 +156,15 @@ class DeepseekForCausalLM(nn.Cell):
                 routing.append(r)
         return self.model.norm(h), latents, routing
 
-    def cached(self, ids, positions, past_mask, self_mask, caches):
+    def cached(self, ids, positions, past_mask, self_mask, caches, block_tables=None):
+        """`caches`: per layer [B,T,latent_dim], or paged pools read through `block_tables`
+        (MLAttention.cached)."""
         cos, sin = self.rotary(positions)
         h = self.embed(ids)
         latents = []
         routing = []
         for i, layer in enumerate(self.model.layers):
-            h, latent, r = layer.cached(h, cos, sin, caches[i], past_mask, self_mask)
+            h, latent, r = layer.cached(h, cos, sin, caches[i], past_mask, self_mask, block_tables)
             latents.append(latent)
             if layer.is_moe:
                 routing.append(r)
@@ -232,13 +235,6 @@ def _select_rows(hidden, flat_index):
     return ops.gather(hidden.reshape(B * S, H), flat_index, 0)
 
 
-def _gather_blocks(pool, block_tables):
-    """pool [num_blocks,bs,D], block_tables [B,MB] -> [B,MB*bs,D]: each sequence's cache in
-    token order (gathered position t is token position t)."""
-    B, MB = block_tables.shape
-    return ops.gather(pool, block_tables, 0).reshape(B, MB * pool.shape[1], pool.shape[2])
-
-
 class PagedPrefillStep(nn.Cell):
     """Engine graph: a prompt chunk with no cached past (expanded MLA).
 
@@ -272,8 +268,7 @@ class PagedCachedStep(nn.Cell):
         self.return_hidden = return_hidden
 
     def construct(self, ids, positions, logits_index, block_tables, past_mask, self_mask, *pools):
-        caches = [_gather_blocks(pool, block_tables) for pool in pools]
-        hidden, latents, _ = self.net.cached(ids, positions, past_mask, self_mask, caches)
+        hidden, latents, _ = self.net.cached(ids, positions, past_mask, self_mask, pools, block_tables)
         logits = self.net.head(_select_rows(hidden, logits_index))
         if self.return_hidden:
             return logits, ops.stack(latents, 0), hidden
@@ -297,5 +292,5 @@ class PagedMTPStep(nn.Cell):
         layer = self.net.mtp[self.depth]
         x = layer.combine(self.net.embed(next_ids), hidden.astype(self.net.compute_dtype))
         cos, sin = self.net.rotary(positions)
-        h, latent, _ = layer.block.cached(x, cos, sin, _gather_blocks(pool, block_tables), past_mask, self_mask)
+        h, latent, _ = layer.block.cached(x, cos, sin, pool, past_mask, self_mask, block_tables)
         return self.net.head(_select_rows(layer.shared_head_norm(h), logits_index)), latent
