@@ -43,6 +43,29 @@ def test_among_seven_others_of_different_lengths(target):
     assert out[3] == ref
 
 
+def test_new_prompts_prefill_together_and_match_alone(target):
+    """New prompts scheduled in one step share a prefill graph per padded length (batched
+    in powers of two); each one's greedy output equals its output alone."""
+    prompt, ref = target
+    others = random_prompts(3, seed=5, lo=33, hi=60) + random_prompts(1, seed=6, lo=5, hi=12)
+    engine = _engine(max_num_seqs=8)
+    calls = []
+    run = engine.runner._run
+
+    def recording_run(kind, *args):
+        calls.append((kind, args[0].shape))
+        return run(kind, *args)
+
+    engine.runner._run = recording_run
+    out = _run(engine, others[:2] + [prompt] + others[2:])
+    assert out[2] == ref
+    prefills = sorted(shape for kind, shape in calls if kind == "prefill")
+    # lengths 33..59 and 37 pad to 64 (4 prompts: one batch of 4); the short one pads to 16
+    assert prefills == [(1, 16), (4, 64)]
+    alone = [_run(_engine(), [p])[0] for p in others]
+    assert out[:2] + out[3:] == alone
+
+
 @pytest.mark.parametrize("chunked", [True, False])
 def test_chunked_prefill_on_and_off(target, chunked):
     prompt, ref = target

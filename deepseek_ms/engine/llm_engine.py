@@ -15,7 +15,7 @@ import numpy as np
 
 from ..api import CausalLM
 from .block_manager import BlockManager, cache_bytes_per_token, num_blocks_for_budget
-from .model_runner import DecodeItem, DraftItem, ModelRunner
+from .model_runner import DecodeItem, DraftItem, ModelRunner, PrefillItem
 from .request import FinishReason, Request, RequestOutput, RequestStatus
 from .sampling import Sampler, SamplingParams, SequenceSamplingState
 from .scheduler import Scheduler
@@ -181,14 +181,15 @@ class LLMEngine:
         to_sample: List[Request] = []
         rows: List[np.ndarray] = []
         drafts: List[Tuple[Request, int, int, np.ndarray, bool]] = []  # (request, start, n, hidden, wants draft)
-        for chunk in plan.prefills:
+        chunks = [PrefillItem(c.token_ids, c.start, self.block_manager.block_table(c.request.request_id))
+                  for c in plan.prefills]
+        computed = self.runner.prefill(chunks) if chunks else []
+        for chunk, (logits, hidden) in zip(plan.prefills, computed):
             request = chunk.request
-            logits, hidden = self.runner.prefill_chunk(chunk.token_ids, chunk.start,
-                                                       self.block_manager.block_table(request.request_id))
             self._computed(request, len(chunk.token_ids))
             if chunk.completes_prompt:
                 to_sample.append(request)
-                rows.append(logits[0])
+                rows.append(logits)
             if self.speculative:
                 drafts.append((request, chunk.start, len(chunk.token_ids), hidden, chunk.completes_prompt))
         verify = None

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +41,13 @@ _CACHE_OWNER: List["ModelRunner"] = []
 def next_pow2(n: int, minimum: int = 1) -> int:
     n = max(int(n), minimum)
     return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class PrefillItem:
+    token_ids: List[int]   # prompt tokens [start, start + n) of one sequence
+    start: int             # tokens [0, start) are cached
+    block_table: List[int]
 
 
 @dataclass
@@ -192,26 +199,57 @@ class ModelRunner:
             past[i, :, :start] = 0
         return past
 
-    def prefill_chunk(self, token_ids: Sequence[int], start: int, block_table: Sequence[int]):
-        """Compute tokens [start, start+n) of one sequence whose tokens [0, start) are cached.
-        Returns (logits [1,V] of the chunk's last token, hidden [n,H] when speculating else None)."""
-        n = len(token_ids)
+    def prefill(self, items: Sequence[PrefillItem]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """Compute prompt chunks; per item (in order): (logits [V] of the chunk's last token,
+        hidden [n,H] when speculating else None).
+
+        First chunks (nothing cached yet) of the same padded length run together in one
+        expanded-MLA graph, so the matmuls and experts see more rows per weight read; the
+        batch is split into powers of two so that few shapes compile. Later chunks attend to
+        their cached past and run one by one in the absorbed graph."""
+        results: List[Optional[Tuple[np.ndarray, Optional[np.ndarray]]]] = [None] * len(items)
+        groups: Dict[int, List[int]] = {}
+        for i, it in enumerate(items):
+            if it.start == 0:
+                groups.setdefault(next_pow2(len(it.token_ids), MIN_CHUNK), []).append(i)
+            else:
+                results[i] = self._prefill_cached(it)
+        for chunk, members in groups.items():
+            while members:
+                batch = 1 << (len(members).bit_length() - 1)
+                for i, out in zip(members[:batch], self._prefill_first([items[i] for i in members[:batch]], chunk)):
+                    results[i] = out
+                members = members[batch:]
+        return results
+
+    def _prefill_first(self, items: Sequence[PrefillItem], chunk: int):
+        B = len(items)
+        ids = np.zeros((B, chunk), dtype=np.int32)
+        last = np.zeros(B, dtype=np.int32)
+        for b, it in enumerate(items):
+            ids[b, :len(it.token_ids)] = it.token_ids
+            last[b] = b * chunk + len(it.token_ids) - 1
+        outs = self._run("prefill", ids, self._positions([0] * B, B, chunk), causal_mask(B, chunk), last)
+        logits = outs[0].asnumpy()  # logits first: reading another output first stalls the CPU runtime
+        lengths = [len(it.token_ids) for it in items]
+        rows = np.repeat(np.arange(B), lengths)
+        steps = np.concatenate([np.arange(n) for n in lengths])
+        self._write(self.pools, outs[1].asnumpy(), rows, steps, [items[r].block_table for r in rows], steps)
+        hidden = outs[2].asnumpy() if self.speculative else None
+        return [(logits[b], hidden[b, :n] if self.speculative else None) for b, n in enumerate(lengths)]
+
+    def _prefill_cached(self, item: PrefillItem):
+        n, start = len(item.token_ids), item.start
         chunk = next_pow2(n, MIN_CHUNK)
         ids = np.zeros((1, chunk), dtype=np.int32)
-        ids[0, :n] = token_ids
-        positions = self._positions([start], 1, chunk)
-        last = np.array([n - 1], dtype=np.int32)
-        if start == 0:
-            outs = self._run("prefill", ids, positions, causal_mask(1, chunk), last)
-        else:
-            width = self._width(-(-start // self.block_size))
-            tables = self._block_table_array([block_table], 1, width)
-            outs = self._run("cached", ids, positions, last, tables, self._past_mask([start], 1, chunk, width),
-                             causal_mask(1, chunk))
-        logits = outs[0].asnumpy()  # logits first: reading another output first stalls the CPU runtime
-        self._write(self.pools, outs[1].asnumpy(), [0] * n, start + np.arange(n), [block_table] * n, list(range(n)))
-        hidden = outs[2].asnumpy()[0, :n] if self.speculative else None
-        return logits, hidden
+        ids[0, :n] = item.token_ids
+        width = self._width(-(-start // self.block_size))
+        tables = self._block_table_array([item.block_table], 1, width)
+        outs = self._run("cached", ids, self._positions([start], 1, chunk), np.array([n - 1], dtype=np.int32), tables,
+                         self._past_mask([start], 1, chunk, width), causal_mask(1, chunk))
+        logits = outs[0].asnumpy()
+        self._write(self.pools, outs[1].asnumpy(), [0] * n, start + np.arange(n), [item.block_table] * n, list(range(n)))
+        return logits[0], outs[2].asnumpy()[0, :n] if self.speculative else None
 
     def decode(self, items: Sequence[DecodeItem]):
         """S new tokens per sequence (S = 1, or 2 when verifying a draft; equal for all items).
