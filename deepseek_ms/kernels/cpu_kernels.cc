@@ -508,16 +508,10 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
       }
     for (int64_t g = 0; g < heads; ++g) {
       const float *w_uv = kv_b + ((h0 + g) * (dn + dv) + dn) * r;
-      float *oh = out + (bs * nh + h0 + g) * dv;
+      float *oh[1] = {out + (bs * nh + h0 + g) * dv};
       const float *og[1] = {o_lat + g * r};
-      int64_t v = 0;
-      for (; v + kCols <= dv; v += kCols) {
-        const float *rows[kCols];
-        for (int j = 0; j < kCols; ++j) rows[j] = w_uv + (v + j) * r;
-        dots<1, kCols>(og, rows, r, tile);
-        for (int j = 0; j < kCols; ++j) oh[v + j] = tile[j] * inv_denom[g];
-      }
-      for (; v < dv; ++v) oh[v] = dot(og[0], w_uv + v * r, r) * inv_denom[g];
+      rows_times_weight(og, 1, w_uv, r, 0, dv, oh);
+      for (int64_t v = 0; v < dv; ++v) oh[0][v] *= inv_denom[g];
     }
   });
   return 0;
