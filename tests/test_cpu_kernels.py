@@ -61,8 +61,10 @@ def _numpy(x):
     return [t.asnumpy() for t in x] if isinstance(x, (tuple, list)) else [x.asnumpy()]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7, NATIVE_MAX_ROWS])
-@pytest.mark.parametrize("out_features,in_features", [(37, 64), (256, 96)])
+# rows and features cover every tail of the 4x3 micro-kernel: 1-3 leftover rows, 1-2
+# leftover weight rows in a block, and in_features not a multiple of the vector width
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, NATIVE_MAX_ROWS])
+@pytest.mark.parametrize("out_features,in_features", [(38, 60), (256, 96)])
 def test_linear(kernels, rows, out_features, in_features):
     rng = np.random.default_rng(rows)
     cell = Linear(in_features, out_features)

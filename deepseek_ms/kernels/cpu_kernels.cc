@@ -4,8 +4,9 @@
 // (deepseek_ms/kernels/cpu.py builds this file with the host compiler).
 //
 // Weights are [out, in] row-major, as in the checkpoint, so every output is a dot product
-// of two contiguous rows. The micro-kernel keeps a block of weight rows hot in L1 while
-// it walks the activation rows, so each weight byte comes from memory once per call.
+// of two contiguous rows. A work item is a block of weight rows: it comes from memory once
+// per call and then streams from L2 while each group of activation rows, held in L1, walks
+// it.
 #include <sched.h>
 
 #include <algorithm>
@@ -97,10 +98,11 @@ class Pool {
 
 inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Pool::get().run(n, f); }
 
-constexpr int kRows = 3;    // activation rows per micro-kernel call (3x4 accumulators: best on AVX2)
-constexpr int kCols = 4;    // weight rows per micro-kernel call
-constexpr int kBlock = 32;  // weight rows per parallel work item
+constexpr int kRows = 4;    // activation rows per micro-kernel call
+constexpr int kCols = 3;    // weight rows per micro-kernel call: 4x3 accumulators + 3 weight vectors + 1 = 16 ymm
+constexpr int kBlock = 24;  // weight rows per parallel work item (a multiple of kCols; ~100 KB stays in L2)
 constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode (even)
+constexpr int kKeys = 4;       // cached latent rows per micro-kernel call in absorbed decode
 
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
@@ -109,6 +111,9 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// Keeps v in a register: without it GCC folds the weight loads into the FMAs and reloads
+// each weight vector once per activation row, which makes the loop load-bound (1.6x slower).
+#define DSMS_PIN(v) __asm__("" : "+x"(v))
 #endif
 
 // out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows.
@@ -121,9 +126,13 @@ inline void dots(const float *const *a, const float *const *b, int64_t K, float 
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
     __m256 bv[C];
-    for (int c = 0; c < C; ++c) bv[c] = _mm256_loadu_ps(b[c] + k);
+    for (int c = 0; c < C; ++c) {
+      bv[c] = _mm256_loadu_ps(b[c] + k);
+      DSMS_PIN(bv[c]);
+    }
     for (int r = 0; r < R; ++r) {
       __m256 av = _mm256_loadu_ps(a[r] + k);
+      DSMS_PIN(av);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
     }
   }
@@ -138,32 +147,38 @@ inline void dots(const float *const *a, const float *const *b, int64_t K, float 
       for (int c = 0; c < C; ++c) out[r * C + c] += a[r][k] * b[c][k];
 }
 
-// y[m][n] = dot(x[m], w[n]) for n in [n0, n1): x and y given as row pointers (y rows are
-// written at column n). Weight rows are visited in groups of kCols, activation rows in
-// groups of kRows, with a two- or one-row and a single-column tail.
-void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
-                       float *const *y) {
-  float out[kRows * kCols];
+// R activation rows (x, y given as row pointers; y written at column n) against weight
+// rows [n0, n1), kCols at a time, then the one or two weight rows left over.
+template <int R>
+void tile_row(const float *const *x, const float *w, int64_t K, int64_t n0, int64_t n1, float *const *y) {
+  float out[R * kCols];
+  const float *b[kCols];
   int64_t n = n0;
   for (; n + kCols <= n1; n += kCols) {
-    const float *b[kCols];
     for (int c = 0; c < kCols; ++c) b[c] = w + (n + c) * K;
-    int64_t m = 0;
-    for (; m + kRows <= M; m += kRows) {
-      dots<kRows, kCols>(x + m, b, K, out);
-      for (int r = 0; r < kRows; ++r) std::memcpy(y[m + r] + n, out + r * kCols, sizeof(float) * kCols);
-    }
-    if (M - m == 2) {
-      dots<2, kCols>(x + m, b, K, out);
-      for (int r = 0; r < 2; ++r) std::memcpy(y[m + r] + n, out + r * kCols, sizeof(float) * kCols);
-    } else if (M - m == 1) {
-      dots<1, kCols>(x + m, b, K, out);
-      std::memcpy(y[m] + n, out, sizeof(float) * kCols);
-    }
+    dots<R, kCols>(x, b, K, out);
+    for (int r = 0; r < R; ++r) std::memcpy(y[r] + n, out + r * kCols, sizeof(float) * kCols);
   }
-  for (; n < n1; ++n) {
-    const float *b[1] = {w + n * K};
-    for (int64_t m = 0; m < M; ++m) dots<1, 1>(x + m, b, K, y[m] + n);
+  const int64_t left = n1 - n;
+  for (int c = 0; c < left; ++c) b[c] = w + (n + c) * K;
+  if (left == 2) dots<R, 2>(x, b, K, out);
+  else if (left == 1) dots<R, 1>(x, b, K, out);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < left; ++c) y[r][n + c] = out[r * left + c];
+}
+
+// y[m][n] = dot(x[m], w[n]) for n in [n0, n1): x and y given as row pointers (y rows are
+// written at column n). Activation rows go kRows at a time over the whole weight block, so
+// the block streams from L2 while the rows stay in L1, with a 3-, 2- or 1-row tail.
+void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
+                       float *const *y) {
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) tile_row<kRows>(x + m, w, K, n0, n1, y + m);
+  switch (M - m) {
+    case 3: tile_row<3>(x + m, w, K, n0, n1, y + m); break;
+    case 2: tile_row<2>(x + m, w, K, n0, n1, y + m); break;
+    case 1: tile_row<1>(x + m, w, K, n0, n1, y + m); break;
+    default: break;
   }
 }
 
@@ -461,13 +476,13 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
     }
     const float *qrows[G];
     for (int g = 0; g < G; ++g) qrows[g] = q_full + g * L;
-    float tile[2 * kCols];
+    float tile[2 * kKeys];
     int64_t t = 0;
-    for (; t + kCols <= n; t += kCols)
+    for (; t + kKeys <= n; t += kKeys)
       for (int g = 0; g < G; g += 2) {
-        dots<2, kCols>(qrows + g, keys.data() + t, L, tile);
+        dots<2, kKeys>(qrows + g, keys.data() + t, L, tile);
         for (int i = 0; i < 2; ++i)
-          for (int c = 0; c < kCols; ++c) p[(g + i) * n + t + c] = tile[i * kCols + c] * scale + mask[t + c];
+          for (int c = 0; c < kKeys; ++c) p[(g + i) * n + t + c] = tile[i * kKeys + c] * scale + mask[t + c];
       }
     for (; t < n; ++t)
       for (int g = 0; g < G; ++g) p[g * n + t] = dot(qrows[g], keys[t], L) * scale + mask[t];
