@@ -116,15 +116,20 @@ inline float hsum(__m256 v) {
 #define DSMS_PIN(v) __asm__("" : "+x"(v))
 #endif
 
-// out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows.
+// out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows. With
+// `next`, also prefetches the C rows of K floats from there: each weight row is a page or
+// so, and the hardware prefetcher, which stops at page boundaries, restarts cold on each.
 template <int R, int C>
-inline void dots(const float *const *a, const float *const *b, int64_t K, float *out) {
+inline void dots(const float *const *a, const float *const *b, int64_t K, float *out,
+                 const float *next = nullptr) {
   int64_t k = 0;
 #ifdef __AVX2__
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
+    if (next && (k & 15) == 0)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char *>(next + c * K + k), _MM_HINT_T0);
     __m256 bv[C];
     for (int c = 0; c < C; ++c) {
       bv[c] = _mm256_loadu_ps(b[c] + k);
@@ -149,14 +154,17 @@ inline void dots(const float *const *a, const float *const *b, int64_t K, float 
 
 // R activation rows (x, y given as row pointers; y written at column n) against weight
 // rows [n0, n1), kCols at a time, then the one or two weight rows left over.
+// With `prefetch` (the first rows to walk the block, which bring it from memory), each
+// group of weight rows prefetches the next.
 template <int R>
-void tile_row(const float *const *x, const float *w, int64_t K, int64_t n0, int64_t n1, float *const *y) {
+void tile_row(const float *const *x, const float *w, int64_t K, int64_t n0, int64_t n1, float *const *y,
+              bool prefetch) {
   float out[R * kCols];
   const float *b[kCols];
   int64_t n = n0;
   for (; n + kCols <= n1; n += kCols) {
     for (int c = 0; c < kCols; ++c) b[c] = w + (n + c) * K;
-    dots<R, kCols>(x, b, K, out);
+    dots<R, kCols>(x, b, K, out, prefetch && n + 2 * kCols <= n1 ? w + (n + kCols) * K : nullptr);
     for (int r = 0; r < R; ++r) std::memcpy(y[r] + n, out + r * kCols, sizeof(float) * kCols);
   }
   const int64_t left = n1 - n;
@@ -173,11 +181,11 @@ void tile_row(const float *const *x, const float *w, int64_t K, int64_t n0, int6
 void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
                        float *const *y) {
   int64_t m = 0;
-  for (; m + kRows <= M; m += kRows) tile_row<kRows>(x + m, w, K, n0, n1, y + m);
+  for (; m + kRows <= M; m += kRows) tile_row<kRows>(x + m, w, K, n0, n1, y + m, m == 0);
   switch (M - m) {
-    case 3: tile_row<3>(x + m, w, K, n0, n1, y + m); break;
-    case 2: tile_row<2>(x + m, w, K, n0, n1, y + m); break;
-    case 1: tile_row<1>(x + m, w, K, n0, n1, y + m); break;
+    case 3: tile_row<3>(x + m, w, K, n0, n1, y + m, m == 0); break;
+    case 2: tile_row<2>(x + m, w, K, n0, n1, y + m, m == 0); break;
+    case 1: tile_row<1>(x + m, w, K, n0, n1, y + m, m == 0); break;
     default: break;
   }
 }
