@@ -100,7 +100,7 @@ inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Poo
 
 constexpr int kRows = 4;    // activation rows per micro-kernel call
 constexpr int kCols = 3;    // weight rows per micro-kernel call: 4x3 accumulators + 3 weight vectors + 1 = 16 ymm
-constexpr int kBlock = 24;  // weight rows per parallel work item (a multiple of kCols; ~100 KB stays in L2)
+constexpr int kBlock = 48;  // weight rows per parallel work item (a multiple of kCols)
 constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode (even)
 constexpr int kKeys = 4;       // cached latent rows per micro-kernel call in absorbed decode
 
