@@ -15,8 +15,8 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serving_helpers import (engine_ready, free_port, http_status, spawn, start_api, start_engine,  # noqa: E402
-                             stop, tail, text_model, wait_until)
+from serving_helpers import (REPO_ROOT, engine_ready, free_port, http_status, spawn, start_api,  # noqa: E402
+                             start_engine, stop, tail, text_model, wait_until)
 
 MODEL = "tiny"
 MAX_NUM_SEQS, MAX_QUEUE = 16, 64
@@ -448,6 +448,22 @@ def test_sigterm_finishes_the_stream_refuses_new_and_exits(stack):
     assert stack.api.wait(60) == 0 and stack.engine.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(stack.base + "/health")
+
+
+def test_a_stalled_teardown_still_ends_the_process_with_every_stack_logged():
+    # a non-daemon thread that never ends would hold interpreter exit forever
+    script = ("import threading, time\n"
+              "from deepseek_ms.serving.openai_api import exit_if_teardown_stalls\n"
+              "def stuck_in_teardown():\n"
+              "    time.sleep(3600)\n"
+              "threading.Thread(target=stuck_in_teardown).start()\n"
+              "exit_if_teardown_stalls(0.5)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert done.returncode == 0 and time.monotonic() - started < 30
+    assert "has not exited 0.5 s after the server stopped" in done.stderr
+    assert "in stuck_in_teardown" in done.stderr  # the stack that held the exit
 
 
 # ------------------------------------------------------------------------------ launcher and config

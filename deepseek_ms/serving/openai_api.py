@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import hmac
 import json
 import logging
 import math
+import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -649,6 +652,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Once the server has stopped the process must end, because the launcher waits for it before it
+# stops the engine. Once in CI it did not: the drain finished, "OpenAI API stopped" was logged,
+# and the process was still alive 180 s later. The cause is unknown (asyncio's or the
+# interpreter's teardown); this bounds the stall and records every thread's stack for the cause.
+EXIT_STALL_SECONDS = 20.0
+
+
+def exit_if_teardown_stalls(seconds: float) -> threading.Timer:
+    def stalled():
+        logger.error("the process has not exited %g s after the server stopped; every thread's stack "
+                     "follows, then a hard exit", seconds)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(0)  # every request was drained: the stall is in teardown
+
+    timer = threading.Timer(seconds, stalled)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 async def serve(config: ApiConfig, tokenizer) -> None:
     server = OpenAIServer(config, tokenizer)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels the engine request
@@ -666,11 +690,10 @@ async def serve(config: ApiConfig, tokenizer) -> None:
     await server.drain()
     await runner.cleanup()
     logger.info("OpenAI API stopped")
+    exit_if_teardown_stalls(EXIT_STALL_SECONDS)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import os
-
     from ..tokenizer import load_tokenizer
 
     args = build_parser().parse_args(argv)
