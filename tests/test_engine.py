@@ -74,6 +74,27 @@ def test_chunked_prefill_on_and_off(target, chunked):
     assert out[-1] == ref
 
 
+
+def test_a_prompt_that_fits_a_step_is_split_only_when_first():
+    from deepseek_ms.engine.block_manager import BlockManager
+    from deepseek_ms.engine.request import Request
+    from deepseek_ms.engine.scheduler import Scheduler
+
+    def first_step(lengths):
+        scheduler = Scheduler(BlockManager(num_blocks=256, block_size=16), max_num_seqs=16,
+                              max_num_batched_tokens=100)
+        for i, n in enumerate(lengths):
+            scheduler.add(Request(f"r{i}", list(range(1000 * i, 1000 * i + n)), GREEDY, None))
+        return [(c.request.request_id, len(c.token_ids)) for c in scheduler.schedule().prefills]
+
+    # the third prompt would leave a 20-token remainder for a call of its own: it waits whole
+    assert first_step([40, 40, 40]) == [("r0", 40), ("r1", 40)]
+    # a prompt that comes first is split at the budget, whatever its length
+    assert first_step([250, 40]) == [("r0", 100)]
+    # one longer than the budget needs several calls anyway: it starts in what is left
+    assert first_step([40, 250]) == [("r0", 40), ("r1", 60)]
+
+
 def test_prefix_cache_hit_and_miss(target):
     prompt, ref = target
     engine = _engine(block_size=8)
@@ -202,7 +223,7 @@ def test_soak_1000_random_requests_with_cancellations():
                 live.discard(out.request_id)
                 finished += 1
         engine.block_manager.check_invariants()
-    assert finished == 1000 and aborted > 50
+    assert finished == 1000 and aborted >= 50  # at least 5% cancelled, some mid-flight
     bm = engine.block_manager
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_allocatable_blocks
 

@@ -3,8 +3,11 @@
 Every step has a token budget (`max_num_batched_tokens`). Running requests go first, in
 arrival order: a decode costs one token, an unfinished prompt gets the next chunk that
 fits. Then waiting requests are admitted first-come-first-served while the budget, the
-concurrency cap and the block pool allow. Without chunked prefill a prompt runs whole
-(alone if it is larger than the budget).
+concurrency cap and the block pool allow. A prompt that fits in a step's budget is cut only
+when it is the step's first: otherwise it waits for the next step whole, because its
+remainder would run there anyway (with no earlier first token) as one more model call, which
+costs about a decode step whatever its length. Longer prompts start in whatever budget is
+left. Without chunked prefill a prompt runs whole (alone if it is larger than the budget).
 
 When the pool cannot hold a running request's next token, the most recently arrived
 running request is preempted: its blocks are freed and it goes back to the head of the
@@ -143,6 +146,9 @@ class Scheduler:
                 break  # FCFS: later requests do not overtake one that does not fit yet
             if not self.enable_chunked_prefill and len(tokens) > budget and not out.is_empty:
                 break  # it will run whole in a later step
+            if self.enable_chunked_prefill and budget < len(tokens) <= self.max_num_batched_tokens \
+                    and out.prefills:
+                break  # it runs whole next step rather than split (see the module docstring)
             self.waiting.popleft()
             computed = self.blocks.allocate(request.request_id, tokens)
             request.num_computed_tokens = computed
