@@ -1,5 +1,6 @@
 """Run as a script by test_load_memory: loads an HF folder and prints peak RSS growth
-during loading relative to the loaded model's fp32 size, as JSON."""
+during loading relative to the loaded model's size (its parameters as loaded: a BF16
+checkpoint's routed experts stay bf16 under the native kernels), as JSON."""
 import json
 import sys
 

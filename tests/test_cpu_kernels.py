@@ -196,6 +196,25 @@ def test_model_with_and_without_kernels():
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
+
+def _expert_dtypes(model):
+    from deepseek_ms.model.moe import RoutedExperts
+    return {str(getattr(cell, p).dtype) for _, cell in model.net.cells_and_names() if isinstance(cell, RoutedExperts)
+            for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_bf16_checkpoints_keep_their_experts_in_bf16():
+    """Under the native kernels a BF16 checkpoint's routed experts stay bf16 (exact: they are the
+    checkpoint's own values; test_model_with_and_without_kernels compares that model's logits
+    with fp32 MindSpore ops). Anything else, or MindSpore's ops, keeps fp32."""
+    import deepseek_ms
+    assert _expert_dtypes(load_fixture_model("deepseek_v3_tiny")) == {"BFloat16"}
+    assert _expert_dtypes(load_fixture_model("deepseek_v2_lite_tiny")) == {"Float32"}  # F32 tensors
+    assert _expert_dtypes(load_fixture_model("deepseek_v3_fp8_tiny")) == {"Float32"}  # FP8 x scale: not bf16
+    plain = deepseek_ms.load_model(str(fixture_dir("deepseek_v3_tiny")), progress=False, kernels="mindspore")
+    assert _expert_dtypes(plain) == {"Float32"}
+
+
 def test_kernel_choice_is_validated():
     assert native_kernels("mindspore") is None
     with pytest.raises(ValueError, match="kernels must be one of"):

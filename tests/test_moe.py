@@ -142,3 +142,40 @@ def test_native_cpu_kernel_is_exact(first, n, N):
     args = (ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w))
     np.testing.assert_allclose(cell(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ms.jit(_Graph(cell))(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (60, 36)])
+def test_native_cpu_kernel_reads_bf16_weights_exactly(hidden, inter):
+    """bf16 expert weights (as the loader keeps a BF16 checkpoint's) give the result of the same
+    values in fp32, each projection independently: bit for bit when the feature counts are
+    multiples of the vector width, to rounding in the scalar tails otherwise."""
+    from deepseek_ms.kernels import cpu
+    kernels = cpu.load()
+    assert kernels is not None, "the CPU kernels must build on the test machines"
+    config = dataclasses.replace(_config(), hidden_size=hidden, moe_intermediate_size=inter)
+    rng = np.random.default_rng(7)
+    # values a bf16 holds exactly: float32s with their low 16 bits cleared
+    weights = {p: (w.view(np.uint32) & 0xFFFF0000).view(np.float32) for p, w in _weights(config, rng).items()}
+    N = 37
+    x = rng.standard_normal((N, config.hidden_size)).astype(np.float32)
+    idx = _balanced(rng, N, 2, 16)
+    w = rng.random((N, 2)).astype(np.float32)
+    args = (ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w))
+    fp32 = _experts(config, weights)
+    fp32.use_kernels(kernels)
+    want = fp32(*args).asnumpy()
+    np.testing.assert_allclose(want, _reference(x, idx, w, weights, 0, 16), rtol=1e-4, atol=1e-4)
+    for bf16_projections in (("gate_proj", "up_proj", "down_proj"), ("up_proj",)):
+        cell = _experts(config, weights)
+        for p in bf16_projections:
+            getattr(cell, p).set_dtype(ms.bfloat16)
+            getattr(cell, p).set_data(ms.Tensor(weights[p]).astype(ms.bfloat16))
+        cell.use_kernels(kernels)
+        got = ms.jit(_Graph(cell))(*args).asnumpy()
+        if hidden % 8 == 0 and inter % 8 == 0:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        cell.use_kernels(None)  # MindSpore's ops have no bf16 matmul on CPU: the weights are widened back
+        assert {str(getattr(cell, p).dtype) for p in bf16_projections} == {"Float32"}
+        np.testing.assert_allclose(cell(*args).asnumpy(), want, rtol=1e-5, atol=1e-5)

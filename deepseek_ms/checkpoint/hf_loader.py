@@ -39,6 +39,7 @@ class WeightRule:
     row: Optional[int] = None      # index into a stacked (expert) parameter
     kind: str = "load"             # load | shared | skip
     never_fp8: bool = False        # router weight and bias stay high precision in FP8 checkpoints
+    bf16_storage: bool = False     # kept in bfloat16 when every tensor it stacks is BF16 (exact)
 
 
 def _hf_name(ours: str, config: DeepseekConfig) -> str:
@@ -94,7 +95,8 @@ def weight_rules(net) -> Dict[str, WeightRule]:
                     local = e - cell.first_expert
                     name = _hf_name(f"{cell_name}.{e}.{proj}.weight", config)
                     if 0 <= local < cell.n_local_experts:
-                        rules[name] = WeightRule(param, tuple(per_expert), shard, row=local)
+                        rules[name] = WeightRule(param, tuple(per_expert), shard, row=local,
+                                                 bf16_storage=cell.bf16_storage)
                     else:
                         rules[name] = WeightRule(None, tuple(per_expert), kind="skip")
     for name, param in net.parameters_and_names():
@@ -125,6 +127,11 @@ def _check_tensor(reader: CheckpointReader, name: str, rule: WeightRule, config:
                               + (" or F8_E4M3" if config.quantization_config else ""))
 
 
+def _bf16_bits(array: np.ndarray) -> np.ndarray:
+    """The bfloat16 bit patterns of float32 values read from a BF16 tensor (exact)."""
+    return (np.ascontiguousarray(array, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
 def load_hf_weights(net, folder: str, progress: bool = True) -> None:
     """Validate the whole checkpoint against `net`, then stream every tensor into it."""
     import mindspore as ms
@@ -144,22 +151,31 @@ def load_hf_weights(net, folder: str, progress: bool = True) -> None:
         _check_tensor(reader, name, rules[name], config)
 
     block = tuple(config.quantization_config.weight_block_size) if config.quantization_config else (128, 128)
-    stacked: Dict[int, np.ndarray] = {}
+    stacked: Dict[int, np.ndarray] = {}  # uint16 (bf16 bits) while every row read into it was BF16
     loadable = [n for n in sorted(rules, key=lambda n: (reader.file_of(n), n)) if rules[n].kind == "load"]
     bar = tqdm(loadable, desc=f"loading {os.path.basename(os.path.normpath(folder))}", unit="tensor",
                disable=not progress, leave=False)
     for name in bar:
         rule = rules[name]
-        target_dtype = NP_DTYPES[rule.param.dtype]
+        target_dtype = NP_DTYPES.get(rule.param.dtype, np.float32)  # bf16 storage: read as fp32
         array = reader.read_dequantized(name, block_size=block, slice=rule.shard)
         if rule.row is not None:
+            bf16 = rule.bf16_storage and reader.dtype(name) == "BF16"
             buf = stacked.get(id(rule.param))
             if buf is None:
-                buf = stacked[id(rule.param)] = np.empty(tuple(rule.param.shape), dtype=target_dtype)
-            buf[rule.row] = array
+                buf = np.empty(tuple(rule.param.shape), dtype=np.uint16 if bf16 else target_dtype)
+            elif buf.dtype == np.uint16 and not bf16:  # one non-BF16 expert: the parameter stays fp32
+                buf = (buf.astype(np.uint32) << 16).view(np.float32)
+            stacked[id(rule.param)] = buf
+            buf[rule.row] = _bf16_bits(array) if buf.dtype == np.uint16 else array
             continue
         rule.param.set_data(ms.Tensor.from_numpy(np.ascontiguousarray(array, dtype=target_dtype)))
     for param in {id(r.param): r.param for r in rules.values() if r.row is not None}.values():
-        param.set_data(ms.Tensor.from_numpy(stacked.pop(id(param))))
+        buf = stacked.pop(id(param))
+        dtype = ms.bfloat16 if buf.dtype == np.uint16 else ms.float32 if param.dtype == ms.bfloat16 else None
+        if dtype is not None:  # kept in bf16, or a reload of other tensors into a bf16-kept one
+            param.set_dtype(dtype)
+        tensor = ms.Tensor.from_numpy(buf)
+        param.set_data(tensor.view(ms.bfloat16) if buf.dtype == np.uint16 else tensor)
     reader.close()
     logger.info("loaded %d tensors from %s", len(loadable), folder)

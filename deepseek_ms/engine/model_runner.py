@@ -126,8 +126,10 @@ class ModelRunner:
             return
         _CACHE_OWNER.append(self)
         cfg = self.model.config
+        # graphs depend on parameter dtypes too: the loader keeps BF16 checkpoints' experts in bf16
+        dtypes = sorted({str(p.dtype) for p in self.model.net.get_parameters()})
         key = json.dumps([cfg.to_dict(), num_blocks, self.block_size, self.max_blocks, self.max_num_seqs,
-                          self.speculative, ms.__version__], sort_keys=True, default=str)
+                          self.speculative, ms.__version__, dtypes], sort_keys=True, default=str)
         path = os.path.join(os.path.abspath(root), hashlib.sha256(key.encode()).hexdigest()[:16])
         os.makedirs(path, exist_ok=True)
         # two processes writing one order-keyed cache would corrupt it: the first one owns it

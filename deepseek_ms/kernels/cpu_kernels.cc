@@ -4,7 +4,8 @@
 // (deepseek_ms/kernels/cpu.py builds this file with the host compiler).
 //
 // Weights are [out, in] row-major, as in the checkpoint, so every output is a dot product
-// of two contiguous rows. A work item is a block of weight rows: it comes from memory once
+// of two contiguous rows. The routed experts' weights may be bfloat16: the checkpoint's own
+// values, widened to float32 in registers (exact), so decode reads half the bytes. A work item is a block of weight rows: it comes from memory once
 // per call and then streams from L2 while each group of activation rows, held in L1, walks
 // it.
 #include <sched.h>
@@ -104,7 +105,22 @@ constexpr int kBlock = 48;  // weight rows per parallel work item (a multiple of
 constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode (even)
 constexpr int kKeys = 4;       // cached latent rows per micro-kernel call in absorbed decode
 
+using bf16 = uint16_t;  // a bfloat16: the high 16 bits of a float32
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 #ifdef __AVX2__
+inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16 *p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -117,22 +133,22 @@ inline float hsum(__m256 v) {
 #endif
 
 // out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows. With
-// `next`, also prefetches the C rows of K floats from there: each weight row is a page or
+// `next`, also prefetches the C rows of K weights from there: each weight row is a page or
 // so, and the hardware prefetcher, which stops at page boundaries, restarts cold on each.
-template <int R, int C>
-inline void dots(const float *const *a, const float *const *b, int64_t K, float *out,
-                 const float *next = nullptr) {
+template <int R, int C, typename W>
+inline void dots(const float *const *a, const W *const *b, int64_t K, float *out, const W *next = nullptr) {
   int64_t k = 0;
 #ifdef __AVX2__
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
-    if (next && (k & 15) == 0)
+    if (next && k % kLine == 0)
       for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char *>(next + c * K + k), _MM_HINT_T0);
     __m256 bv[C];
     for (int c = 0; c < C; ++c) {
-      bv[c] = _mm256_loadu_ps(b[c] + k);
+      bv[c] = load8(b[c] + k);
       DSMS_PIN(bv[c]);
     }
     for (int r = 0; r < R; ++r) {
@@ -149,18 +165,17 @@ inline void dots(const float *const *a, const float *const *b, int64_t K, float 
 #endif
   for (; k < K; ++k)
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) out[r * C + c] += a[r][k] * b[c][k];
+      for (int c = 0; c < C; ++c) out[r * C + c] += a[r][k] * to_f32(b[c][k]);
 }
 
 // R activation rows (x, y given as row pointers; y written at column n) against weight
 // rows [n0, n1), kCols at a time, then the one or two weight rows left over.
 // With `prefetch` (the first rows to walk the block, which bring it from memory), each
 // group of weight rows prefetches the next.
-template <int R>
-void tile_row(const float *const *x, const float *w, int64_t K, int64_t n0, int64_t n1, float *const *y,
-              bool prefetch) {
+template <int R, typename W>
+void tile_row(const float *const *x, const W *w, int64_t K, int64_t n0, int64_t n1, float *const *y, bool prefetch) {
   float out[R * kCols];
-  const float *b[kCols];
+  const W *b[kCols];
   int64_t n = n0;
   for (; n + kCols <= n1; n += kCols) {
     for (int c = 0; c < kCols; ++c) b[c] = w + (n + c) * K;
@@ -178,7 +193,8 @@ void tile_row(const float *const *x, const float *w, int64_t K, int64_t n0, int6
 // y[m][n] = dot(x[m], w[n]) for n in [n0, n1): x and y given as row pointers (y rows are
 // written at column n). Activation rows go kRows at a time over the whole weight block, so
 // the block streams from L2 while the rows stay in L1, with a 3-, 2- or 1-row tail.
-void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
+template <typename W>
+void rows_times_weight(const float *const *x, int64_t M, const W *w, int64_t K, int64_t n0, int64_t n1,
                        float *const *y) {
   int64_t m = 0;
   for (; m + kRows <= M; m += kRows) tile_row<kRows>(x + m, w, K, n0, n1, y + m, m == 0);
@@ -189,6 +205,22 @@ void rows_times_weight(const float *const *x, int64_t M, const float *w, int64_t
     default: break;
   }
 }
+
+// A float32 or bfloat16 weight tensor of a kernel's inputs.
+struct AnyWeight {
+  const void *data;
+  bool is_bf16;
+  static bool parse(const char *dtype, bool *is_bf16) {
+    *is_bf16 = std::strcmp(dtype, "bfloat16") == 0;
+    return *is_bf16 || std::strcmp(dtype, "float32") == 0;
+  }
+  // rows_times_weight on the matrix that starts `offset` elements in
+  void times(const float *const *x, int64_t M, int64_t offset, int64_t K, int64_t n0, int64_t n1,
+             float *const *y) const {
+    if (is_bf16) rows_times_weight(x, M, static_cast<const bf16 *>(data) + offset, K, n0, n1, y);
+    else rows_times_weight(x, M, static_cast<const float *>(data) + offset, K, n0, n1, y);
+  }
+};
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
@@ -226,7 +258,8 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
 
 // Routed SwiGLU experts, exact: y [N,H] = sum_j weight[t,j] * expert_{idx[t,j]}(x[t]).
 // Inputs: x [N,H], idx [N,k] int32 global expert ids, first [1] int32 (this rank holds
-// experts [first, first + E)), weight [N,k], gate/up [E,I,H], down [E,H,I]. Output y [N,H].
+// experts [first, first + E)), weight [N,k], gate/up [E,I,H], down [E,H,I] (each float32 or
+// bfloat16). Output y [N,H].
 extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   if (nparam != 8) return 1;
@@ -234,9 +267,10 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   const int32_t *global_idx = static_cast<const int32_t *>(params[1]);
   const int32_t first = *static_cast<const int32_t *>(params[2]);
   const float *weight = static_cast<const float *>(params[3]);
-  const float *gate = static_cast<const float *>(params[4]);
-  const float *up = static_cast<const float *>(params[5]);
-  const float *down = static_cast<const float *>(params[6]);
+  AnyWeight gate{params[4], false}, up{params[5], false}, down{params[6], false};
+  if (!AnyWeight::parse(dtypes[4], &gate.is_bf16) || !AnyWeight::parse(dtypes[5], &up.is_bf16) ||
+      !AnyWeight::parse(dtypes[6], &down.is_bf16))
+    return 2;
   float *y = static_cast<float *>(params[7]);
   const int64_t N = shapes[0][0], H = shapes[0][1], k = shapes[1][1];
   const int64_t E = shapes[4][0], I = shapes[4][1];
@@ -281,8 +315,8 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
     const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < I ? b0 + kBlock : I;
     const int64_t r0 = start[e], m = start[e + 1] - r0;
-    rows_times_weight(xrows.data() + r0, m, gate + e * I * H, H, b0, b1, hrows.data() + r0);
-    rows_times_weight(xrows.data() + r0, m, up + e * I * H, H, b0, b1, urows.data() + r0);
+    gate.times(xrows.data() + r0, m, e * I * H, H, b0, b1, hrows.data() + r0);
+    up.times(xrows.data() + r0, m, e * I * H, H, b0, b1, urows.data() + r0);
     for (int64_t r = r0; r < r0 + m; ++r)
       for (int64_t i = b0; i < b1; ++i) hrows[r][i] = silu(hrows[r][i]) * urows[r][i];
   });
@@ -290,7 +324,7 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
     const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < H ? b0 + kBlock : H;
     const int64_t r0 = start[e], m = start[e + 1] - r0;
-    rows_times_weight(hrows.data() + r0, m, down + e * H * I, I, b0, b1, yrows.data() + r0);
+    down.times(hrows.data() + r0, m, e * H * I, I, b0, b1, yrows.data() + r0);
   });
   for (int64_t t = 0; t < N; ++t) {
     float *out = y + t * H;

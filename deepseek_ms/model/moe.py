@@ -148,9 +148,25 @@ class RoutedExperts(nn.Cell):
         self.first_expert_tensor = ms.Tensor([first_expert], ms.int32)
 
     def use_kernels(self, kernels) -> None:
-        """Run inference through `kernels.moe_experts` (exact, any token count) for fp32 weights."""
-        fp32 = self.gate_proj.dtype == ms.float32
-        self.native_experts = kernels.moe_experts() if kernels is not None and fp32 else None
+        """Run inference through `kernels.moe_experts` (exact, any token count) for fp32 weights
+        (or the bf16 ones the loader kept, see `bf16_storage`)."""
+        params = (self.gate_proj, self.up_proj, self.down_proj)
+        if kernels is None:  # MindSpore's CPU ops have no bf16 matmul: widen what the loader kept
+            for p in params:
+                if p.dtype == ms.bfloat16:
+                    widened = p.astype(ms.float32)
+                    p.set_dtype(ms.float32)
+                    p.set_data(widened)
+        native = all(p.dtype in (ms.float32, ms.bfloat16) for p in params)
+        self.native_experts = kernels.moe_experts() if kernels is not None and native else None
+
+    @property
+    def bf16_storage(self) -> bool:
+        """Whether the checkpoint loader may keep these weights in bfloat16 when the checkpoint
+        stores them so: exact, since the native kernel widens them to fp32 in registers, and
+        decode, which reads every expert's weights each step at large batch, reads half the
+        bytes. MindSpore's own ops (devices, training) keep fp32."""
+        return self.native_experts is not None
 
     def construct(self, x, idx, weights):
         """x [N,H]; idx/weights [N,k] -> sum over chosen local experts of weight * expert(x)."""
