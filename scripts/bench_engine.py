@@ -5,12 +5,15 @@
                                    [--hf-python /path/to/python] [--skip-hf]
                                    [--only prefill,decode1,decode8,agg16,agg64]
 
-Model: a DeepSeek-V3-shaped HF folder with seeded random fp32 weights (vocab 32000, hidden
+Model: a DeepSeek-V3-shaped HF folder with seeded random weights stored in BF16, as DeepSeek
+ships its checkpoints (the router's e_score_correction_bias in F32, as in V3) (vocab 32000, hidden
 1024, 8 layers with the first dense (intermediate 2816), 16 heads, q_lora 512, kv_lora 256,
 nope/rope/v 64/32/64, 16 routed experts top-2 in 4 groups keeping 2, 1 shared expert,
 moe_intermediate 512, noaux_tc sigmoid router with a small random e_score_correction_bias,
 YaRN factor 4 over 1024, max_position_embeddings 4096). It is written once with numpy into
-the cache folder (default .cache/bench_model/) and reused while its spec matches.
+the cache folder (default .cache/bench_model/) and reused while its spec matches. Both sides
+compute in fp32 on the same values: HF ("fp32") loads every weight as fp32; deepseek-ms keeps
+the routed experts in bf16 (widened in registers) and the rest in fp32.
 
 Cells (rows of the table):
 
@@ -104,11 +107,11 @@ MODEL_CONFIG: Dict[str, Any] = dict(
                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
     bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=0, initializer_range=0.02,
-    use_cache=True, torch_dtype="float32",
+    use_cache=True, torch_dtype="bfloat16",
 )
 INIT_SCHEME = ("linear N(0,1/in); lm_head N(0,1/in); embedding N(0,1); RMSNorm weights 1; "
                "router N(0,1/H); e_score_correction_bias N(0,0.01^2); per-tensor seed (seed, crc32(name))")
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: BF16 tensors (1: F32)
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "bench_spec.json"
 
@@ -200,7 +203,8 @@ def ensure_model(cache_dir: str, seed: int) -> Dict[str, Any]:
     logger.info("generating %d tensors (%.1f M parameters, seed %d) into %s", len(shapes),
                 sum(int(np.prod(s)) for s in shapes.values()) / 1e6, seed, cache_dir)
     tensors = {name: init_tensor(name, shape, seed) for name, shape in shapes.items()}
-    write_safetensors(os.path.join(tmp, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+    dtypes = {name: "F32" if name.endswith("e_score_correction_bias") else "BF16" for name in tensors}
+    write_safetensors(os.path.join(tmp, WEIGHTS_FILE), tensors, dtypes=dtypes, metadata={"format": "pt"})
     del tensors
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(MODEL_CONFIG, f, indent=2)
