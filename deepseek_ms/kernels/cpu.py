@@ -2,8 +2,10 @@
 
 MindSpore's CPU MatMul is slow for the few-row products of decode, and a static graph can
 only run routed experts densely, over padded slots, or after copying the chosen experts'
-weights. The two kernels here read weights in place: `linear` (y = x W^T for few rows) and
-`moe_experts` (exact routed SwiGLU experts for any number of tokens).
+weights. The kernels here read weights in place: `linear` (y = x W^T for few rows),
+`moe_experts` (exact routed SwiGLU experts for any number of tokens, fp32 or bf16 weights),
+the router, and the pieces of attention that MindSpore runs op by op (RMSNorm, rotary
+embedding, absorbed MLA decode, the prefill softmax).
 
 The library is compiled once per source and compiler with `-march=native` (it runs where
 it is built) into the user cache, written atomically so concurrent ranks can race safely.
@@ -127,8 +129,8 @@ class CpuKernels:
 
     def moe_experts(self):
         """(x [N,H], global expert ids [N,k] int32, first local expert [1] int32, weights
-        [N,k], gate/up [E,I,H], down [E,H,I]) -> y [N,H], float32: the sum over each token's
-        chosen experts that this rank holds."""
+        [N,k], gate/up [E,I,H], down [E,H,I], each float32 or bfloat16) -> y [N,H], float32:
+        the sum over each token's chosen experts that this rank holds."""
         from mindspore import ops
         return ops.Custom(f"{self.library}:dsms_moe_experts", out_shape=lambda x, i, f, w, g, u, d: x,
                           out_dtype=lambda x, i, f, w, g, u, d: x, func_type="aot")

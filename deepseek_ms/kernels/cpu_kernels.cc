@@ -4,10 +4,10 @@
 // (deepseek_ms/kernels/cpu.py builds this file with the host compiler).
 //
 // Weights are [out, in] row-major, as in the checkpoint, so every output is a dot product
-// of two contiguous rows. The routed experts' weights may be bfloat16: the checkpoint's own
-// values, widened to float32 in registers (exact), so decode reads half the bytes. A work item is a block of weight rows: it comes from memory once
+// of two contiguous rows. A work item is a block of weight rows: it comes from memory once
 // per call and then streams from L2 while each group of activation rows, held in L1, walks
-// it.
+// it. The routed experts' weights may be bfloat16 (a BF16 checkpoint's own values): they are
+// widened to float32 in registers, exactly, and decode reads half the bytes.
 #include <sched.h>
 
 #include <algorithm>
@@ -173,7 +173,8 @@ inline void dots(const float *const *a, const W *const *b, int64_t K, float *out
 // With `prefetch` (the first rows to walk the block, which bring it from memory), each
 // group of weight rows prefetches the next.
 template <int R, typename W>
-void tile_row(const float *const *x, const W *w, int64_t K, int64_t n0, int64_t n1, float *const *y, bool prefetch) {
+void tile_row(const float *const *x, const W *w, int64_t K, int64_t n0, int64_t n1, float *const *y,
+              bool prefetch) {
   float out[R * kCols];
   const W *b[kCols];
   int64_t n = n0;
