@@ -166,7 +166,8 @@ def test_absorbed_decode_attention(kernels, S, paged, shape):
 
 def test_expanded_prefill_attention(kernels):
     """Prefill attention with the fused score softmax (and native rope / latent norm) against
-    MindSpore's ops, with a causal mask and a padded row."""
+    MindSpore's ops, with a causal mask (whose masked tails the kernel skips), padded rows
+    and a wholly masked row."""
     config, cell, rng = _attention(3)
     B, S = 2, 7
     x = rng.standard_normal((B, S, config.hidden_size)).astype(np.float32)
@@ -176,6 +177,7 @@ def test_expanded_prefill_attention(kernels):
     mask = np.broadcast_to(np.triu(np.full((S, S), -1e30, np.float32), 1), (B, S, S)).copy()
     mask[1, :, 4:] = -1e30
     mask[1, 4:, 4:] = np.triu(np.full((3, 3), -1e30, np.float32), 1)  # padded tail still sees itself
+    mask[0, S - 1, :] = -1e30  # a wholly masked row: the reference's uniform softmax
     args = [ms.Tensor(a) for a in (x, cos, sin, mask)]
     native, reference = _both(cell, kernels, *args, method="prefill")
     for got, want in zip(_numpy(native), _numpy(reference)):

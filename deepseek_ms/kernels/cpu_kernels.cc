@@ -686,16 +686,22 @@ extern "C" int dsms_mla_prefill_softmax(int nparam, void **params, int *ndims, i
       const float *r = rope + ((b * S + i) * nh + h) * T;
       const float *m = mask + (b * S + i) * T;
       float *p = probs + row * T;
+      // a causal row's masked tail gets exactly 0 (as in the reference) without exp or reads
+      // of its scores; a wholly masked row (padding) keeps the reference's full softmax
+      int64_t Tv = T;
+      while (Tv > 0 && m[Tv - 1] <= -1e29f) --Tv;
+      if (Tv == 0) Tv = T;
       float mx = -INFINITY;
-      for (int64_t t = 0; t < T; ++t) {
+      for (int64_t t = 0; t < Tv; ++t) {
         p[t] = (a[t] + r[t]) * scale + m[t];
         mx = p[t] > mx ? p[t] : mx;
       }
-      exp_shifted(p, m, T, mx);
+      exp_shifted(p, m, Tv, mx);
       float sum = 0.0f;
-      for (int64_t t = 0; t < T; ++t) sum += p[t];
+      for (int64_t t = 0; t < Tv; ++t) sum += p[t];
       const float inv = 1.0f / sum;
-      for (int64_t t = 0; t < T; ++t) p[t] *= inv;
+      for (int64_t t = 0; t < Tv; ++t) p[t] *= inv;
+      std::fill(p + Tv, p + T, 0.0f);
     }
   });
   return 0;
