@@ -143,22 +143,22 @@ class RoutedExperts(nn.Cell):
         self.gate_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="gate_proj")
         self.up_proj = Parameter(initializer("zeros", (E, I, H), param_dtype), name="up_proj")
         self.down_proj = Parameter(initializer("zeros", (E, H, I), param_dtype), name="down_proj")
+        self.param_dtype = param_dtype  # the storage may differ: see `bf16_storage`
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.native_experts = None
         self.first_expert_tensor = ms.Tensor([first_expert], ms.int32)
 
     def use_kernels(self, kernels) -> None:
         """Run inference through `kernels.moe_experts` (exact, any token count) for fp32 weights
-        (or the bf16 ones the loader kept, see `bf16_storage`)."""
-        params = (self.gate_proj, self.up_proj, self.down_proj)
-        if kernels is None:  # MindSpore's CPU ops have no bf16 matmul: widen what the loader kept
-            for p in params:
-                if p.dtype == ms.bfloat16:
-                    widened = p.astype(ms.float32)
-                    p.set_dtype(ms.float32)
+        (which the loader may keep in bf16, see `bf16_storage`)."""
+        fp32 = self.param_dtype == ms.float32
+        self.native_experts = kernels.moe_experts() if kernels is not None and fp32 else None
+        if self.native_experts is None:  # MindSpore's ops take the configured dtype: undo bf16 storage
+            for p in (self.gate_proj, self.up_proj, self.down_proj):
+                if p.dtype != self.param_dtype:
+                    widened = p.astype(self.param_dtype)
+                    p.set_dtype(self.param_dtype)
                     p.set_data(widened)
-        native = all(p.dtype in (ms.float32, ms.bfloat16) for p in params)
-        self.native_experts = kernels.moe_experts() if kernels is not None and native else None
 
     @property
     def bf16_storage(self) -> bool:
