@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import DeepseekConfig
-from .safetensors_io import CheckpointError, CheckpointReader
+from .safetensors_io import CheckpointError, CheckpointReader, bf16_to_float32
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +127,6 @@ def _check_tensor(reader: CheckpointReader, name: str, rule: WeightRule, config:
                               + (" or F8_E4M3" if config.quantization_config else ""))
 
 
-def _bf16_bits(array: np.ndarray) -> np.ndarray:
-    """The bfloat16 bit patterns of float32 values read from a BF16 tensor (exact)."""
-    return (np.ascontiguousarray(array, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-
-
 def load_hf_weights(net, folder: str, progress: bool = True) -> None:
     """Validate the whole checkpoint against `net`, then stream every tensor into it."""
     import mindspore as ms
@@ -158,24 +153,29 @@ def load_hf_weights(net, folder: str, progress: bool = True) -> None:
     for name in bar:
         rule = rules[name]
         target_dtype = NP_DTYPES.get(rule.param.dtype, np.float32)  # bf16 storage: read as fp32
-        array = reader.read_dequantized(name, block_size=block, slice=rule.shard)
         if rule.row is not None:
             bf16 = rule.bf16_storage and reader.dtype(name) == "BF16"
             buf = stacked.get(id(rule.param))
             if buf is None:
                 buf = np.empty(tuple(rule.param.shape), dtype=np.uint16 if bf16 else target_dtype)
             elif buf.dtype == np.uint16 and not bf16:  # one non-BF16 expert: the parameter stays fp32
-                buf = (buf.astype(np.uint32) << 16).view(np.float32)
+                buf = bf16_to_float32(buf)
             stacked[id(rule.param)] = buf
-            buf[rule.row] = _bf16_bits(array) if buf.dtype == np.uint16 else array
+            if buf.dtype == np.uint16:  # the tensor's stored bits, not decoded
+                buf[rule.row] = (reader.read(name, dtype=None) if rule.shard is None
+                                 else reader.read_slice(name, *rule.shard, dtype=None))
+            else:
+                buf[rule.row] = reader.read_dequantized(name, block_size=block, slice=rule.shard)
             continue
+        array = reader.read_dequantized(name, block_size=block, slice=rule.shard)
         rule.param.set_data(ms.Tensor.from_numpy(np.ascontiguousarray(array, dtype=target_dtype)))
-    for param in {id(r.param): r.param for r in rules.values() if r.row is not None}.values():
-        buf = stacked.pop(id(param))
-        dtype = ms.bfloat16 if buf.dtype == np.uint16 else ms.float32 if param.dtype == ms.bfloat16 else None
-        if dtype is not None:  # kept in bf16, or a reload of other tensors into a bf16-kept one
-            param.set_dtype(dtype)
+    for rule in {id(r.param): r for r in rules.values() if r.row is not None}.values():
+        buf = stacked.pop(id(rule.param))
+        kept_bf16 = buf.dtype == np.uint16
+        if rule.bf16_storage and rule.param.dtype != (ms.bfloat16 if kept_bf16 else ms.float32):
+            # what was read decides: bf16 bits, or fp32 (a reload of other tensors, too)
+            rule.param.set_dtype(ms.bfloat16 if kept_bf16 else ms.float32)
         tensor = ms.Tensor.from_numpy(buf)
-        param.set_data(tensor.view(ms.bfloat16) if buf.dtype == np.uint16 else tensor)
+        rule.param.set_data(tensor.view(ms.bfloat16) if kept_bf16 else tensor)
     reader.close()
     logger.info("loaded %d tensors from %s", len(loadable), folder)
