@@ -22,7 +22,7 @@ from helpers import fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
-                "native_softmax")
+                "native_prefill")
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +164,13 @@ def test_absorbed_decode_attention(kernels, S, paged, shape):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_expanded_prefill_attention(kernels):
-    """Prefill attention with the fused score softmax (and native rope / latent norm) against
-    MindSpore's ops, with a causal mask (whose masked tails the kernel skips), padded rows
-    and a wholly masked row."""
-    config, cell, rng = _attention(3)
+@pytest.mark.parametrize("shape", [{}, {"qk_nope_head_dim": 13, "v_head_dim": 76}], ids=["tiny", "odd-dims"])
+def test_expanded_prefill_attention(kernels, shape):
+    """Fused prefill attention (and native rope / latent norm) against MindSpore's ops, with a
+    causal mask (whose masked tails the kernel skips), padded rows and a wholly masked row.
+    S = 7 leaves a 3-row tail after the kernel's groups of 4 query rows; the second shape has
+    a query-key width with a scalar tail and value columns past the 64- and 8-wide blocks."""
+    config, cell, rng = _attention(3, **shape)
     B, S = 2, 7
     x = rng.standard_normal((B, S, config.hidden_size)).astype(np.float32)
     h = config.qk_rope_head_dim // 2

@@ -5,7 +5,7 @@ only run routed experts densely, over padded slots, or after copying the chosen 
 weights. The kernels here read weights in place: `linear` (y = x W^T for few rows),
 `moe_experts` (exact routed SwiGLU experts for any number of tokens, fp32 or bf16 weights),
 the router, and the pieces of attention that MindSpore runs op by op (RMSNorm, rotary
-embedding, absorbed MLA decode, the prefill softmax).
+embedding, absorbed MLA decode, expanded MLA prefill).
 
 The library is compiled once per source and compiler with `-march=native` (it runs where
 it is built) into the user cache, written atomically so concurrent ranks can race safely.
@@ -120,12 +120,14 @@ class CpuKernels:
         return ops.Custom(f"{self.library}:dsms_mla_decode", out_shape=_mla_out_shape,
                           out_dtype=lambda q, n, p, t, pm, sm, w, sc: q, func_type="aot")
 
-    def mla_prefill_softmax(self):
-        """(nope scores [B,nh,S,T], rope scores [B,S,nh,T], mask [B,S,T], scale [1]) ->
-        softmax((nope + rope) * scale + mask) as [B,nh,S,T]."""
+    def mla_prefill(self):
+        """Expanded MLA over a prompt with no cached past: (q [B,S,nh,dn+dr], kv_b_proj output
+        [B,T,nh*(dn+dv)], k_pe [B,T,dr], mask [B,S,T] additive, softmax scale [1]) -> attention
+        output [B,S,nh*dv] before o_proj."""
         from mindspore import ops
-        return ops.Custom(f"{self.library}:dsms_mla_prefill_softmax", out_shape=lambda a, r, m, s: a,
-                          out_dtype=lambda a, r, m, s: a, func_type="aot")
+        return ops.Custom(f"{self.library}:dsms_mla_prefill",
+                          out_shape=lambda q, kv, pe, m, s: [q[0], q[1], kv[2] - q[2] * (q[3] - pe[2])],
+                          out_dtype=lambda q, kv, pe, m, s: q, func_type="aot")
 
     def moe_experts(self):
         """(x [N,H], global expert ids [N,k] int32, first local expert [1] int32, weights

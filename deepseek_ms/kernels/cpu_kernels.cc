@@ -431,20 +431,61 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
+// p[t] = p[t] * scale + mask[t] in place; returns the row's max.
+inline float scale_mask_max(float *p, const float *mask, int64_t T, float scale) {
+  int64_t t = 0;
+  float mx = -INFINITY;
+#ifdef __AVX2__
+  const __m256 vs = _mm256_set1_ps(scale);
+  __m256 vmx = _mm256_set1_ps(-INFINITY);
+  for (; t + 8 <= T; t += 8) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(p + t), vs, _mm256_loadu_ps(mask + t));
+    _mm256_storeu_ps(p + t, v);
+    vmx = _mm256_max_ps(vmx, v);
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#endif
+  for (; t < T; ++t) {
+    p[t] = p[t] * scale + mask[t];
+    mx = p[t] > mx ? p[t] : mx;
+  }
+  return mx;
+}
+
 // p[t] = exp(p[t] - mx), and exactly 0 where the additive mask removed the entry (as
-// exp(-1e30 - mx) is in the reference), unless the whole row is masked.
-inline void exp_shifted(float *p, const float *mask, int64_t T, float mx) {
+// exp(-1e30 - mx) is in the reference), unless the whole row is masked. Returns the sum.
+inline float exp_shifted(float *p, const float *mask, int64_t T, float mx) {
   const bool live = mx > -1e29f;
   int64_t t = 0;
+  float sum = 0.0f;
 #ifdef __AVX2__
   const __m256 vmx = _mm256_set1_ps(mx), cut = _mm256_set1_ps(-1e29f);
+  __m256 vsum = _mm256_setzero_ps();
   for (; t + 8 <= T; t += 8) {
     __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
     if (live) v = _mm256_and_ps(v, _mm256_cmp_ps(_mm256_loadu_ps(mask + t), cut, _CMP_GT_OQ));
     _mm256_storeu_ps(p + t, v);
+    vsum = _mm256_add_ps(vsum, v);
   }
+  sum = hsum(vsum);
 #endif
-  for (; t < T; ++t) p[t] = (live && mask[t] <= -1e29f) ? 0.0f : std::exp(p[t] - mx);
+  for (; t < T; ++t) {
+    p[t] = (live && mask[t] <= -1e29f) ? 0.0f : std::exp(p[t] - mx);
+    sum += p[t];
+  }
+  return sum;
+}
+
+// One past the last position the additive mask leaves visible (0 if none).
+inline int64_t visible_length(const float *mask, int64_t T) {
+#ifdef __AVX2__
+  const __m256 cut = _mm256_set1_ps(-1e29f);
+  while (T >= 8 && _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(mask + T - 8), cut, _CMP_GT_OQ)) == 0) T -= 8;
+#endif
+  while (T > 0 && mask[T - 1] <= -1e29f) --T;
+  return T;
 }
 
 }  // namespace
@@ -534,10 +575,7 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
       float *pg = p + g * n;
       float mx = -INFINITY;
       for (int64_t i = 0; i < n; ++i) mx = pg[i] > mx ? pg[i] : mx;
-      exp_shifted(pg, mask, n, mx);
-      float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) sum += pg[i];
-      inv_denom[g] = 1.0f / sum;
+      inv_denom[g] = 1.0f / exp_shifted(pg, mask, n, mx);
     }
     int64_t c = 0;
 #ifdef __AVX2__
@@ -663,45 +701,136 @@ extern "C" int dsms_router(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
-// Softmax of expanded MLA's prefill scores, fused with their assembly:
-//   probs[b,h,i,:] = softmax((nope[b,h,i,:] + rope[b,i,h,:]) * scale + mask[b,i,:])
-// Inputs: nope [B,nh,S,T], rope [B,S,nh,T] (the shared rope key's scores, in the layout its
-// matmul produces), mask [B,S,T] additive, scale [1]. Output probs [B,nh,S,T].
-extern "C" int dsms_mla_prefill_softmax(int nparam, void **params, int *ndims, int64_t **shapes,
-                                        const char **dtypes, void *stream, void *extra) {
-  if (nparam != 5) return 1;
-  const float *nope = static_cast<const float *>(params[0]);
-  const float *rope = static_cast<const float *>(params[1]);
-  const float *mask = static_cast<const float *>(params[2]);
-  const float scale = *static_cast<const float *>(params[3]);
-  float *probs = static_cast<float *>(params[4]);
-  const int64_t B = shapes[0][0], nh = shapes[0][1], S = shapes[0][2], T = shapes[0][3];
-  const int64_t rows_per_item = 16;
-  const int64_t rows = B * nh * S;
-  parallel_for((rows + rows_per_item - 1) / rows_per_item, [&](int64_t item) {
-    const int64_t end = (item + 1) * rows_per_item < rows ? (item + 1) * rows_per_item : rows;
-    for (int64_t row = item * rows_per_item; row < end; ++row) {
-      const int64_t i = row % S, h = (row / S) % nh, b = row / (S * nh);
-      const float *a = nope + row * T;
-      const float *r = rope + ((b * S + i) * nh + h) * T;
-      const float *m = mask + (b * S + i) * T;
-      float *p = probs + row * T;
-      // a causal row's masked tail gets exactly 0 (as in the reference) without exp or reads
-      // of its scores; a wholly masked row (padding) keeps the reference's full softmax
-      int64_t Tv = T;
-      while (Tv > 0 && m[Tv - 1] <= -1e29f) --Tv;
-      if (Tv == 0) Tv = T;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < Tv; ++t) {
-        p[t] = (a[t] + r[t]) * scale + m[t];
-        mx = p[t] > mx ? p[t] : mx;
+namespace {
+
+// y[r][0, n) = sum over k < K of a[r][k] * b[k * ld, k * ld + n) for R rows of a against
+// the rows of b (row stride ld), 16 columns at a time: the R rows share each vector of b
+// loaded, in 2R accumulators, and no horizontal sums are needed. Attention's score and
+// value products both take this form.
+template <int R>
+inline void rows_times_rows(const float *const *a, int64_t K, const float *b, int64_t ld, int64_t n,
+                            float *const *y) {
+  int64_t c = 0;
+#ifdef __AVX2__
+  for (; c + 16 <= n; c += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      __m256 b0 = _mm256_loadu_ps(b + k * ld + c), b1 = _mm256_loadu_ps(b + k * ld + c + 8);
+      DSMS_PIN(b0);
+      DSMS_PIN(b1);
+      for (int r = 0; r < R; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
+        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
       }
-      exp_shifted(p, m, Tv, mx);
-      float sum = 0.0f;
-      for (int64_t t = 0; t < Tv; ++t) sum += p[t];
-      const float inv = 1.0f / sum;
-      for (int64_t t = 0; t < Tv; ++t) p[t] *= inv;
-      std::fill(p + Tv, p + T, 0.0f);
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(y[r] + c, acc[r][0]);
+      _mm256_storeu_ps(y[r] + c + 8, acc[r][1]);
+    }
+  }
+#endif
+  for (; c < n; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += a[r][k] * b[k * ld + c];
+      y[r][c] = s;
+    }
+}
+
+// rows_times_rows for the 1 to kQueryRows rows of a query group
+inline void group_times_rows(int R, const float *const *a, int64_t K, const float *b, int64_t ld, int64_t n,
+                             float *const *y) {
+  switch (R) {
+    case 6: rows_times_rows<6>(a, K, b, ld, n, y); break;
+    case 5: rows_times_rows<5>(a, K, b, ld, n, y); break;
+    case 4: rows_times_rows<4>(a, K, b, ld, n, y); break;
+    case 3: rows_times_rows<3>(a, K, b, ld, n, y); break;
+    case 2: rows_times_rows<2>(a, K, b, ld, n, y); break;
+    default: rows_times_rows<1>(a, K, b, ld, n, y); break;
+  }
+}
+
+constexpr int64_t kPanel = 16;  // keys per packed panel in prefill attention
+constexpr int kQueryRows = 6;   // query rows per group in prefill attention: 12 accumulators
+
+}  // namespace
+
+// Expanded MLA attention over a prompt with no cached past (prefill), fused:
+//   out[b,i,h,:] = softmax((q[b,i,h] . k[b,:,h]) * scale + mask[b,i,:]) @ v[b,:,h]
+// where a key is [k_nope (kv_b_proj's per-head key half) ; k_pe (the one shared rope key)].
+// A work item is one (sequence, head): its keys and values are first copied into contiguous
+// buffers (in kv_b_proj's output a head's rows are strided by all heads, which thrashes the
+// caches), then query rows go kRows at a time, sharing each key and value vector loaded. A
+// group reads only the keys up to its rows' last visible one, so a causal prompt costs half
+// of the full score and value products; masked entries are exactly 0 as in the reference,
+// and a wholly masked row (padding) keeps the reference's uniform softmax. The value sum is
+// divided by the softmax denominator once per output row instead of once per probability.
+// Inputs: q [B,S,nh,dn+dr] (rope applied), kv [B,T,nh*(dn+dv)] (kv_b_proj's output), k_pe
+// [B,T,dr] (rope applied), mask [B,S,T] additive, scale [1]. Output out [B,S,nh*dv].
+extern "C" int dsms_mla_prefill(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 6 || ndims[0] != 4 || ndims[1] != 3 || ndims[2] != 3) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *kv = static_cast<const float *>(params[1]);
+  const float *k_pe = static_cast<const float *>(params[2]);
+  const float *mask = static_cast<const float *>(params[3]);
+  const float scale = *static_cast<const float *>(params[4]);
+  float *out = static_cast<float *>(params[5]);
+  const int64_t B = shapes[0][0], S = shapes[0][1], nh = shapes[0][2], dq = shapes[0][3];
+  const int64_t T = shapes[1][1], dr = shapes[2][2], dn = dq - dr, dv = shapes[1][2] / nh - dn;
+  if (dn < 0 || dv <= 0 || shapes[1][2] != nh * (dn + dv) || shapes[3][1] != S || shapes[3][2] != T) return 1;
+  // every head of a query row sees the same keys: one past the last visible one, or all T
+  // for a wholly masked row
+  std::vector<int64_t> visible(B * S);
+  for (int64_t row = 0; row < B * S; ++row) {
+    const int64_t Tv = visible_length(mask + row * T, T);
+    visible[row] = Tv == 0 ? T : Tv;
+  }
+  parallel_for(B * nh, [&](int64_t item) {
+    const int64_t b = item / nh, h = item % nh;
+    thread_local std::vector<float> keys, values, probs;
+    // keys in panels of kPanel: panel j holds keys [j*kPanel, (j+1)*kPanel) as [dq, kPanel],
+    // so a group's score loop reads one contiguous panel per 16 keys (zeros past T)
+    const int64_t panels = (T + kPanel - 1) / kPanel;
+    keys.assign(panels * dq * kPanel, 0.0f);
+    values.resize(T * dv);
+    probs.resize(kQueryRows * panels * kPanel);
+    for (int64_t t = 0; t < T; ++t) {
+      const float *row = kv + ((b * T + t) * nh + h) * (dn + dv);
+      const float *pe = k_pe + (b * T + t) * dr;
+      float *key = keys.data() + (t / kPanel) * dq * kPanel + t % kPanel;
+      for (int64_t d = 0; d < dn; ++d) key[d * kPanel] = row[d];
+      for (int64_t d = 0; d < dr; ++d) key[(dn + d) * kPanel] = pe[d];
+      std::memcpy(values.data() + t * dv, row + dn, sizeof(float) * dv);
+    }
+    for (int64_t i0 = 0; i0 < S; i0 += kQueryRows) {
+      const int rows = static_cast<int>(S - i0 < kQueryRows ? S - i0 : kQueryRows);
+      const float *x[kQueryRows];
+      float *p[kQueryRows], *o[kQueryRows], inv_denom[kQueryRows];
+      const int64_t *seen = visible.data() + b * S + i0;
+      int64_t group = 0;
+      for (int r = 0; r < rows; ++r) {
+        group = seen[r] > group ? seen[r] : group;
+        x[r] = q + ((b * S + i0 + r) * nh + h) * dq;
+        p[r] = probs.data() + r * panels * kPanel;
+        o[r] = out + ((b * S + i0 + r) * nh + h) * dv;
+      }
+      for (int64_t j = 0; j * kPanel < group; ++j) {
+        float *pj[kQueryRows];
+        for (int r = 0; r < rows; ++r) pj[r] = p[r] + j * kPanel;
+        group_times_rows(rows, x, dq, keys.data() + j * dq * kPanel, kPanel, kPanel, pj);
+      }
+      for (int r = 0; r < rows; ++r) {
+        const float *m = mask + (b * S + i0 + r) * T;
+        const float mx = scale_mask_max(p[r], m, seen[r], scale);
+        inv_denom[r] = 1.0f / exp_shifted(p[r], m, seen[r], mx);
+        std::fill(p[r] + seen[r], p[r] + group, 0.0f);  // the rows share the value loop
+      }
+      group_times_rows(rows, p, group, values.data(), dv, dv, o);
+      for (int r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < dv; ++c) o[r][c] *= inv_denom[r];
     }
   });
   return 0;

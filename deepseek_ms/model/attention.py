@@ -69,13 +69,13 @@ class MLAttention(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.native_rope = None
         self.native_decode = None
-        self.native_softmax = None
+        self.native_prefill = None
         self.scale_tensor = ms.Tensor([self.softmax_scale], ms.float32)
 
     def use_kernels(self, kernels) -> None:
         self.native_rope = kernels.rope() if kernels is not None else None
         self.native_decode = kernels.mla_decode() if kernels is not None and self.kv_b_proj.dense_fp32 else None
-        self.native_softmax = kernels.mla_prefill_softmax() if kernels is not None else None
+        self.native_prefill = kernels.mla_prefill() if kernels is not None else None
 
     def _project(self, x, cos, sin):
         """(q [B,S,nh,dn+dr] with its rope part rotated, the new tokens' latent [c_kv ; k_pe])."""
@@ -104,20 +104,20 @@ class MLAttention(nn.Cell):
         B, S, _ = x.shape
         nh, dn, dr, dv = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         q, latent = self._project(x, cos, sin)
-        q_nope, q_pe = q[:, :, :, :dn], q[:, :, :, dn:]
         r = self.kv_lora_rank
         k_pe = latent[:, :, r:]
-        kv = self.kv_b_proj(latent[:, :, :r]).reshape(B, S, nh, dn + dv)
+        kv = self.kv_b_proj(latent[:, :, :r])
+        if self.native_prefill is not None and not self.training and x.dtype == ms.float32:
+            return self.o_proj(self.native_prefill(q, kv, k_pe, mask, self.scale_tensor)), latent
+        kv = kv.reshape(B, S, nh, dn + dv)
+        q_nope, q_pe = q[:, :, :, :dn], q[:, :, :, dn:]
         k_nope = kv[:, :, :, :dn]
         v = kv[:, :, :, dn:]
         scores = self.bmm_t(q_nope.transpose(0, 2, 1, 3), k_nope.transpose(0, 2, 1, 3))       # [B,nh,S,S]
         # the rope key is one head shared by all query heads: fold heads into the query axis
         s_pe = self.bmm_t(q_pe.reshape(B, S * nh, dr), k_pe).reshape(B, S, nh, S)
-        if self.native_softmax is not None and not self.training and x.dtype == ms.float32:
-            probs = self.native_softmax(scores, s_pe, mask, self.scale_tensor)
-        else:
-            scores = (scores + s_pe.transpose(0, 2, 1, 3)).astype(ms.float32) * self.softmax_scale
-            probs = ops.softmax(scores + mask.expand_dims(1), -1).astype(v.dtype)
+        scores = (scores + s_pe.transpose(0, 2, 1, 3)).astype(ms.float32) * self.softmax_scale
+        probs = ops.softmax(scores + mask.expand_dims(1), -1).astype(v.dtype)
         out = self.bmm(probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).reshape(B, S, nh * dv)
         return self.o_proj(out), latent
 
