@@ -259,7 +259,7 @@ class DSBench:
     def engine(self, max_num_seqs: int):
         if max_num_seqs not in self._engines:
             from deepseek_ms.engine.llm_engine import EngineConfig, LLMEngine
-            cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512,
+            cfg = EngineConfig(max_num_seqs=max_num_seqs,
                                cache_memory_bytes=self.cache_bytes, max_model_len=self.max_model_len)
             self._engines[max_num_seqs] = LLMEngine(self.model, None, cfg)
         return self._engines[max_num_seqs]
