@@ -529,10 +529,13 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
     while (Tv > 0 && pm[Tv - 1] <= -1e29f) --Tv;
     const int64_t n = Tv + S;  // keys: the visible cached latents, then the new ones
     thread_local std::vector<float> buf;
-    thread_local std::vector<const float *> keys;
+    thread_local std::vector<const float *> key_buf;
     buf.resize(G * L + G * n + n + G * r);
-    keys.resize(n);
+    key_buf.resize(n);
+    // plain pointers: a thread_local named inside the loops costs a __tls_get_addr call per
+    // use in this shared library, and the call spills every accumulator around it
     float *q_full = buf.data(), *p = q_full + G * L, *mask = p + G * n, *o_lat = mask + n;
+    const float **keys = key_buf.data();
     std::memcpy(mask, pm, sizeof(float) * Tv);
     std::memcpy(mask + Tv, sm, sizeof(float) * S);
     for (int64_t t = 0; t < Tv; ++t) keys[t] = pool + (tables[b * MB + t / block_size] * block_size + t % block_size) * L;
@@ -564,7 +567,7 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
     int64_t t = 0;
     for (; t + kKeys <= n; t += kKeys)
       for (int g = 0; g < G; g += 2) {
-        dots<2, kKeys>(qrows + g, keys.data() + t, L, tile);
+        dots<2, kKeys>(qrows + g, keys + t, L, tile);
         for (int i = 0; i < 2; ++i)
           for (int c = 0; c < kKeys; ++c) p[(g + i) * n + t + c] = tile[i * kKeys + c] * scale + mask[t + c];
       }
@@ -790,20 +793,21 @@ extern "C" int dsms_mla_prefill(int nparam, void **params, int *ndims, int64_t *
   }
   parallel_for(B * nh, [&](int64_t item) {
     const int64_t b = item / nh, h = item % nh;
-    thread_local std::vector<float> keys, values, probs;
+    thread_local std::vector<float> key_buf, value_buf, prob_buf;
     // keys in panels of kPanel: panel j holds keys [j*kPanel, (j+1)*kPanel) as [dq, kPanel],
     // so a group's score loop reads one contiguous panel per 16 keys (zeros past T)
     const int64_t panels = (T + kPanel - 1) / kPanel;
-    keys.assign(panels * dq * kPanel, 0.0f);
-    values.resize(T * dv);
-    probs.resize(kQueryRows * panels * kPanel);
+    key_buf.assign(panels * dq * kPanel, 0.0f);
+    value_buf.resize(T * dv);
+    prob_buf.resize(kQueryRows * panels * kPanel);
+    float *keys = key_buf.data(), *values = value_buf.data(), *probs = prob_buf.data();  // see mla_decode
     for (int64_t t = 0; t < T; ++t) {
       const float *row = kv + ((b * T + t) * nh + h) * (dn + dv);
       const float *pe = k_pe + (b * T + t) * dr;
-      float *key = keys.data() + (t / kPanel) * dq * kPanel + t % kPanel;
+      float *key = keys + (t / kPanel) * dq * kPanel + t % kPanel;
       for (int64_t d = 0; d < dn; ++d) key[d * kPanel] = row[d];
       for (int64_t d = 0; d < dr; ++d) key[(dn + d) * kPanel] = pe[d];
-      std::memcpy(values.data() + t * dv, row + dn, sizeof(float) * dv);
+      std::memcpy(values + t * dv, row + dn, sizeof(float) * dv);
     }
     for (int64_t i0 = 0; i0 < S; i0 += kQueryRows) {
       const int rows = static_cast<int>(S - i0 < kQueryRows ? S - i0 : kQueryRows);
@@ -814,13 +818,13 @@ extern "C" int dsms_mla_prefill(int nparam, void **params, int *ndims, int64_t *
       for (int r = 0; r < rows; ++r) {
         group = seen[r] > group ? seen[r] : group;
         x[r] = q + ((b * S + i0 + r) * nh + h) * dq;
-        p[r] = probs.data() + r * panels * kPanel;
+        p[r] = probs + r * panels * kPanel;
         o[r] = out + ((b * S + i0 + r) * nh + h) * dv;
       }
       for (int64_t j = 0; j * kPanel < group; ++j) {
         float *pj[kQueryRows];
         for (int r = 0; r < rows; ++r) pj[r] = p[r] + j * kPanel;
-        group_times_rows(rows, x, dq, keys.data() + j * dq * kPanel, kPanel, kPanel, pj);
+        group_times_rows(rows, x, dq, keys + j * dq * kPanel, kPanel, kPanel, pj);
       }
       for (int r = 0; r < rows; ++r) {
         const float *m = mask + (b * S + i0 + r) * T;
@@ -828,7 +832,7 @@ extern "C" int dsms_mla_prefill(int nparam, void **params, int *ndims, int64_t *
         inv_denom[r] = 1.0f / exp_shifted(p[r], m, seen[r], mx);
         std::fill(p[r] + seen[r], p[r] + group, 0.0f);  // the rows share the value loop
       }
-      group_times_rows(rows, p, group, values.data(), dv, dv, o);
+      group_times_rows(rows, p, group, values, dv, dv, o);
       for (int r = 0; r < rows; ++r)
         for (int64_t c = 0; c < dv; ++c) o[r][c] *= inv_denom[r];
     }
