@@ -763,10 +763,10 @@ constexpr int kQueryRows = 6;   // query rows per group in prefill attention: 12
 // Expanded MLA attention over a prompt with no cached past (prefill), fused:
 //   out[b,i,h,:] = softmax((q[b,i,h] . k[b,:,h]) * scale + mask[b,i,:]) @ v[b,:,h]
 // where a key is [k_nope (kv_b_proj's per-head key half) ; k_pe (the one shared rope key)].
-// A work item is one (sequence, head): its keys and values are first copied into contiguous
-// buffers (in kv_b_proj's output a head's rows are strided by all heads, which thrashes the
-// caches), then query rows go kRows at a time, sharing each key and value vector loaded. A
-// group reads only the keys up to its rows' last visible one, so a causal prompt costs half
+// A work item is one (sequence, head): its keys are first packed into panels and its values
+// copied into a contiguous block (in kv_b_proj's output a head's rows are strided by all
+// heads, which thrashes the caches), then query rows go kQueryRows at a time, sharing each
+// key and value vector loaded. A group reads only the keys up to its rows' last visible one, so a causal prompt costs half
 // of the full score and value products; masked entries are exactly 0 as in the reference,
 // and a wholly masked row (padding) keeps the reference's uniform softmax. The value sum is
 // divided by the softmax denominator once per output row instead of once per probability.
