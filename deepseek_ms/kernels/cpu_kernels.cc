@@ -525,8 +525,7 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
     const int64_t h0 = (item % groups) * G, bs = item / groups, b = bs / S;
     const int64_t heads = nh - h0 < G ? nh - h0 : G;
     const float *pm = past_mask + bs * T, *sm = self_mask + bs * S;
-    int64_t Tv = T;
-    while (Tv > 0 && pm[Tv - 1] <= -1e29f) --Tv;
+    const int64_t Tv = visible_length(pm, T);
     const int64_t n = Tv + S;  // keys: the visible cached latents, then the new ones
     thread_local std::vector<float> buf;
     thread_local std::vector<const float *> key_buf;
@@ -569,15 +568,14 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
       for (int g = 0; g < G; g += 2) {
         dots<2, kKeys>(qrows + g, keys + t, L, tile);
         for (int i = 0; i < 2; ++i)
-          for (int c = 0; c < kKeys; ++c) p[(g + i) * n + t + c] = tile[i * kKeys + c] * scale + mask[t + c];
+          for (int c = 0; c < kKeys; ++c) p[(g + i) * n + t + c] = tile[i * kKeys + c];
       }
     for (; t < n; ++t)
-      for (int g = 0; g < G; ++g) p[g * n + t] = dot(qrows[g], keys[t], L) * scale + mask[t];
+      for (int g = 0; g < G; ++g) p[g * n + t] = dot(qrows[g], keys[t], L);
     float inv_denom[G];
     for (int g = 0; g < G; ++g) {
       float *pg = p + g * n;
-      float mx = -INFINITY;
-      for (int64_t i = 0; i < n; ++i) mx = pg[i] > mx ? pg[i] : mx;
+      const float mx = scale_mask_max(pg, mask, n, scale);
       inv_denom[g] = 1.0f / exp_shifted(pg, mask, n, mx);
     }
     int64_t c = 0;
