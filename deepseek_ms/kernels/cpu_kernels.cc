@@ -102,8 +102,8 @@ inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Poo
 constexpr int kRows = 4;    // activation rows per micro-kernel call
 constexpr int kCols = 3;    // weight rows per micro-kernel call: 4x3 accumulators + 3 weight vectors + 1 = 16 ymm
 constexpr int kBlock = 48;  // weight rows per parallel work item (a multiple of kCols)
-constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode (even)
-constexpr int kKeys = 4;       // cached latent rows per micro-kernel call in absorbed decode
+constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode
+constexpr int kKeys = 3;       // cached latent rows per micro-kernel call in absorbed decode: 4x3 as kRows x kCols
 
 using bf16 = uint16_t;  // a bfloat16: the high 16 bits of a float32
 
@@ -490,15 +490,17 @@ inline int64_t visible_length(const float *mask, int64_t T) {
 
 }  // namespace
 
-// Absorbed MLA for a few new tokens per sequence (decode). For each (sequence, token) and
-// group of kHeadGroup heads:
-//   q_lat = W_UK^T q_nope per head; scores against the cached latents and the new ones
-//   (additive masks); softmax; o_lat = probs @ latents[:, :r]; out = W_UV o_lat / denom.
-// The heads of a group share every latent row they read, so each row is loaded once per
-// group; cached positions after the last visible one are skipped (their weight is exactly
-// 0 in the reference), so a short sequence in a wide block table costs only its length.
-// The cached latents are read in place from the paged pool through the block table, and
-// W_UK / W_UV from kv_b_proj's weight [nh*(dn+dv), r].
+// Absorbed MLA for a few new tokens per sequence (decode), in three passes:
+//   1. q_lat = W_UK^T q_nope for every (query row, head), head by head, so each head's
+//      W_UK (from kv_b_proj's weight [nh*(dn+dv), r]) is read once per call and then
+//      reused by every row from L1/L2, instead of once per row;
+//   2. per (query row, group of kHeadGroup heads): scores against the cached latents and
+//      the new ones (additive masks), softmax, o_lat = probs @ latents[:, :r] / denom.
+//      The heads of a group share every latent row they read, so each row is loaded once
+//      per group; cached positions after the last visible one are skipped (their weight is
+//      exactly 0 in the reference), so a short sequence in a wide block table costs only
+//      its length. The cached latents are read in place from the paged pool;
+//   3. out = W_UV o_lat, head by head over all query rows, like pass 1.
 // Inputs: q [B,S,nh,dn+dr] (rope applied), new [B,S,L], pool [num_blocks,bs,L], tables
 // [B,MB] int32 (cached position t of sequence b is row t % bs of block tables[b, t / bs]),
 // past_mask [B,S,MB*bs], self_mask [B,S,S], kv_b [nh*(dn+dv), r], scale [1].
@@ -519,57 +521,72 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
   const int64_t L = shapes[1][2], block_size = shapes[2][1], MB = shapes[3][1], r = shapes[6][1];
   const int64_t T = MB * block_size, dr = L - r, dn = dq - dr;
   const int64_t dv = shapes[6][0] / nh - dn;
+  const int64_t R = B * S;  // query rows
   constexpr int G = kHeadGroup;
   const int64_t groups = (nh + G - 1) / G;
-  parallel_for(B * S * groups, [&](int64_t item) {
-    const int64_t h0 = (item % groups) * G, bs = item / groups, b = bs / S;
-    const int64_t heads = nh - h0 < G ? nh - h0 : G;
-    const float *pm = past_mask + bs * T, *sm = self_mask + bs * S;
-    const int64_t Tv = visible_length(pm, T);
-    const int64_t n = Tv + S;  // keys: the visible cached latents, then the new ones
-    thread_local std::vector<float> buf;
-    thread_local std::vector<const float *> key_buf;
-    buf.resize(G * L + G * n + n + G * r);
-    key_buf.resize(n);
-    // plain pointers: a thread_local named inside the loops costs a __tls_get_addr call per
-    // use in this shared library, and the call spills every accumulator around it
-    float *q_full = buf.data(), *p = q_full + G * L, *mask = p + G * n, *o_lat = mask + n;
-    const float **keys = key_buf.data();
-    std::memcpy(mask, pm, sizeof(float) * Tv);
-    std::memcpy(mask + Tv, sm, sizeof(float) * S);
-    for (int64_t t = 0; t < Tv; ++t) keys[t] = pool + (tables[b * MB + t / block_size] * block_size + t % block_size) * L;
-    for (int64_t j = 0; j < S; ++j) keys[Tv + j] = nw + (b * S + j) * L;
-    // absent heads of a short last group get zero queries; their rows are never stored
-    std::fill(q_full, q_full + G * L, 0.0f);
-    for (int64_t g = 0; g < heads; ++g) {
-      const float *qh = q + (bs * nh + h0 + g) * dq;
-      const float *w_uk = kv_b + (h0 + g) * (dn + dv) * r;
-      float *qg = q_full + g * L;
-      int64_t c = 0;
+  // the calling thread's buffers, shared with the workers through plain pointers: q_lat
+  // [R, groups*G, L] (the absent heads of a short last group stay zero), o_lat [R, nh, r]
+  thread_local std::vector<float> lat_buf;
+  lat_buf.resize(R * groups * G * L + R * nh * r);
+  float *const q_lat = lat_buf.data(), *const o_lat = q_lat + R * groups * G * L;
+  for (int64_t row = 0; row < R; ++row)
+    std::fill(q_lat + (row * groups * G + nh) * L, q_lat + (row + 1) * groups * G * L, 0.0f);
+
+  parallel_for(nh, [&](int64_t h) {
+    const float *w_uk = kv_b + h * (dn + dv) * r;
+    int64_t c = 0;
 #ifdef __AVX2__
-      for (; c + 32 <= r; c += 32) {
+    for (; c + 32 <= r; c += 32)  // a [dn, 32] slice of W_UK stays in L1 across the rows
+      for (int64_t row = 0; row < R; ++row) {
+        const float *qh = q + (row * nh + h) * dq;
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t d = 0; d < dn; ++d) {
           const __m256 qd = _mm256_broadcast_ss(qh + d);
           for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(w_uk + d * r + c + 8 * j), acc[j]);
         }
+        float *qg = q_lat + (row * groups * G + h) * L;
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(qg + c + 8 * j, acc[j]);
       }
 #endif
-      for (; c < r; ++c)
-        for (int64_t d = 0; d < dn; ++d) qg[c] += qh[d] * w_uk[d * r + c];
+    for (int64_t row = 0; row < R; ++row) {
+      const float *qh = q + (row * nh + h) * dq;
+      float *qg = q_lat + (row * groups * G + h) * L;
+      for (int64_t cc = c; cc < r; ++cc) {
+        float sum = 0.0f;
+        for (int64_t d = 0; d < dn; ++d) sum += qh[d] * w_uk[d * r + cc];
+        qg[cc] = sum;
+      }
       std::memcpy(qg + r, qh + dn, sizeof(float) * dr);
     }
+  });
+
+  parallel_for(R * groups, [&](int64_t item) {
+    const int64_t h0 = (item % groups) * G, row = item / groups, b = row / S;
+    const int64_t heads = nh - h0 < G ? nh - h0 : G;
+    const float *pm = past_mask + row * T, *sm = self_mask + row * S;
+    const int64_t Tv = visible_length(pm, T);
+    const int64_t n = Tv + S;  // keys: the visible cached latents, then the new ones
+    thread_local std::vector<float> buf;
+    thread_local std::vector<const float *> key_buf;
+    buf.resize(G * n + n);
+    key_buf.resize(n);
+    // plain pointers: a thread_local named inside the loops costs a __tls_get_addr call per
+    // use in this shared library, and the call spills every accumulator around it
+    float *p = buf.data(), *mask = p + G * n;
+    const float **keys = key_buf.data();
+    std::memcpy(mask, pm, sizeof(float) * Tv);
+    std::memcpy(mask + Tv, sm, sizeof(float) * S);
+    for (int64_t t = 0; t < Tv; ++t) keys[t] = pool + (tables[b * MB + t / block_size] * block_size + t % block_size) * L;
+    for (int64_t j = 0; j < S; ++j) keys[Tv + j] = nw + (b * S + j) * L;
     const float *qrows[G];
-    for (int g = 0; g < G; ++g) qrows[g] = q_full + g * L;
-    float tile[2 * kKeys];
+    for (int g = 0; g < G; ++g) qrows[g] = q_lat + (row * groups * G + h0 + g) * L;
+    float tile[G * kKeys];
     int64_t t = 0;
-    for (; t + kKeys <= n; t += kKeys)
-      for (int g = 0; g < G; g += 2) {
-        dots<2, kKeys>(qrows + g, keys + t, L, tile);
-        for (int i = 0; i < 2; ++i)
-          for (int c = 0; c < kKeys; ++c) p[(g + i) * n + t + c] = tile[i * kKeys + c];
-      }
+    for (; t + kKeys <= n; t += kKeys) {
+      dots<G, kKeys>(qrows, keys + t, L, tile);
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < kKeys; ++c) p[g * n + t + c] = tile[g * kKeys + c];
+    }
     for (; t < n; ++t)
       for (int g = 0; g < G; ++g) p[g * n + t] = dot(qrows[g], keys[t], L);
     float inv_denom[G];
@@ -578,6 +595,8 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
       const float mx = scale_mask_max(pg, mask, n, scale);
       inv_denom[g] = 1.0f / exp_shifted(pg, mask, n, mx);
     }
+    float o_tmp[G * 16];
+    float *o_row = o_lat + (row * nh + h0) * r;
     int64_t c = 0;
 #ifdef __AVX2__
     for (; c + 16 <= r; c += 16) {
@@ -592,24 +611,30 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
         }
       }
       for (int g = 0; g < G; ++g) {
-        _mm256_storeu_ps(o_lat + g * r + c, acc[g][0]);
-        _mm256_storeu_ps(o_lat + g * r + c + 8, acc[g][1]);
+        const __m256 inv = _mm256_set1_ps(inv_denom[g]);
+        _mm256_storeu_ps(o_tmp + g * 16, _mm256_mul_ps(acc[g][0], inv));
+        _mm256_storeu_ps(o_tmp + g * 16 + 8, _mm256_mul_ps(acc[g][1], inv));
       }
+      for (int64_t g = 0; g < heads; ++g) std::memcpy(o_row + g * r + c, o_tmp + g * 16, sizeof(float) * 16);
     }
 #endif
     for (; c < r; ++c)
-      for (int g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < heads; ++g) {
         float s = 0.0f;
         for (int64_t i = 0; i < n; ++i) s += p[g * n + i] * keys[i][c];
-        o_lat[g * r + c] = s;
+        o_row[g * r + c] = s * inv_denom[g];
       }
-    for (int64_t g = 0; g < heads; ++g) {
-      const float *w_uv = kv_b + ((h0 + g) * (dn + dv) + dn) * r;
-      float *oh[1] = {out + (bs * nh + h0 + g) * dv};
-      const float *og[1] = {o_lat + g * r};
-      rows_times_weight(og, 1, w_uv, r, 0, dv, oh);
-      for (int64_t v = 0; v < dv; ++v) oh[0][v] *= inv_denom[g];
+  });
+
+  parallel_for(nh, [&](int64_t h) {
+    const float *w_uv = kv_b + (h * (dn + dv) + dn) * r;
+    std::vector<const float *> orows(R);
+    std::vector<float *> yrows(R);
+    for (int64_t row = 0; row < R; ++row) {
+      orows[row] = o_lat + (row * nh + h) * r;
+      yrows[row] = out + (row * nh + h) * dv;
     }
+    rows_times_weight(orows.data(), R, w_uv, r, 0, dv, yrows.data());
   });
   return 0;
 }
