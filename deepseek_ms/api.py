@@ -238,12 +238,13 @@ class CausalLM:
 def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]] = None,
                max_seq_len: Optional[int] = None, device_target: Optional[str] = None,
                overrides: Optional[Dict[str, Any]] = None, progress: bool = True,
-               kernels: str = "auto") -> CausalLM:
+               kernels: Optional[str] = None) -> CausalLM:
     """Load a model from an HF folder (config.json + safetensors, FP8 included), a folder
     written by `deepseek-ms convert` (config.json + model.ckpt), or a predict YAML.
 
     `kernels`: "auto" uses deepseek-ms's native CPU kernels where they help (see
-    deepseek_ms.backend.native_kernels); "mindspore" keeps MindSpore's ops only."""
+    deepseek_ms.backend.native_kernels); "mindspore" keeps MindSpore's ops only. Default: a
+    YAML's `model.model_config.kernels`, else "auto"."""
     from .checkpoint.hf_loader import load_hf_weights
 
     if os.path.isfile(path) and path.endswith((".yaml", ".yml")):
@@ -254,6 +255,7 @@ def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]]
         # as in mindformers, parallel_config applies only with use_parallel: True
         parallel_config = parallel_config or (run.parallel if run.use_parallel else None)
         device_target = device_target or run.context.get("device_target")
+        kernels = kernels or run.runtime.get("kernels")
         if overrides:
             config = config.replace(**overrides)
         if not folder:
@@ -266,7 +268,7 @@ def load_model(path: str, parallel_config: Optional[Union[dict, ParallelConfig]]
     if isinstance(parallel_config, dict):
         parallel_config = ParallelConfig.from_dict(parallel_config)
     model = CausalLM(config, max_seq_len or min(config.max_position_embeddings, 4096), parallel_config,
-                     device_target, kernels)
+                     device_target, kernels or "auto")
     ckpt = os.path.join(folder, "model.ckpt")
     if os.path.isfile(ckpt):
         from .checkpoint.convert import load_ms_checkpoint

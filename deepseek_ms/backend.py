@@ -12,6 +12,8 @@ from typing import Optional
 import mindspore as ms
 from mindspore import nn, ops
 
+from .config import KERNEL_CHOICES
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -39,9 +41,6 @@ def check_compute_dtype(dtype_name: str) -> None:
     if device_target() == "CPU" and dtype_name == "bfloat16":
         raise ValueError("compute_dtype 'bfloat16' is not supported on CPU (no bf16 MatMul/Gather kernels); "
                          "use 'float32'")
-
-
-KERNEL_CHOICES = ("auto", "mindspore")
 
 
 def native_kernels(choice: str = "auto"):

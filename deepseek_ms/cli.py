@@ -7,6 +7,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .config import KERNEL_CHOICES
+
 logger = logging.getLogger("deepseek_ms.cli")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +37,7 @@ def cmd_generate(args) -> int:
     if args.prompt is not None:
         from .engine.sampling import SamplingParams
         from .llm import LLM
-        llm = LLM(args.model)
+        llm = LLM(args.model, kernels=args.kernels)
         if llm.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer files; use --prompt-ids")
         out = llm.generate(args.prompt, SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens,
@@ -43,7 +45,7 @@ def cmd_generate(args) -> int:
         print(out.text)
         return 0
     from .api import load_model
-    model = load_model(args.model)
+    model = load_model(args.model, kernels=args.kernels)
     ids = model.generate(np.array([args.prompt_ids], dtype=np.int64), max_new_tokens=args.max_new_tokens,
                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0, seed=args.seed)
     print(",".join(str(int(t)) for t in ids[0]))
@@ -54,7 +56,7 @@ def cmd_chat(args) -> int:
     """Interactive chat: each reply streams as it is generated; an empty line or EOF quits."""
     from .engine.sampling import SamplingParams
     from .llm import LLM
-    llm = LLM(args.model)
+    llm = LLM(args.model, kernels=args.kernels)
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise ValueError(f"{args.model} has no tokenizer with a chat template")
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -158,6 +160,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_kernels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
+                        help="native CPU kernels where they help (auto) or MindSpore's ops only; "
+                             "default: a YAML's model.model_config.kernels, else auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepseek-ms", description="DeepSeek V2/V3/R1 in MindSpore")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -171,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=20)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
+    _add_kernels_arg(g)
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive streaming chat (needs a tokenizer with a chat template)")
@@ -178,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.7)
+    _add_kernels_arg(ch)
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="measure the hardware (hw) or the collectives under msrun (comm)")

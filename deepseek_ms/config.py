@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 
+# which kernels the Cells use (deepseek_ms.backend.native_kernels): "auto" = deepseek-ms's
+# native CPU kernels where they help, "mindspore" = MindSpore's ops only
+KERNEL_CHOICES = ("auto", "mindspore")
+
+
 class ConfigError(ValueError):
     """A config value is unknown, malformed or inconsistent. The message names the key."""
 

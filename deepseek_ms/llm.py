@@ -19,15 +19,18 @@ class LLM:
     """A model plus its tokenizer and a continuous-batching engine.
 
     `model` is a folder (HF or converted), a predict YAML, or an already loaded CausalLM;
-    `parallel_config` (mindformers keys) loads this rank's shard under msrun.
-    Engine settings (block_size, max_num_seqs, ...) are EngineConfig fields."""
+    `parallel_config` (mindformers keys) loads this rank's shard under msrun; `kernels` is
+    load_model's. Engine settings (block_size, max_num_seqs, ...) are EngineConfig fields."""
 
-    def __init__(self, model, tokenizer=None, progress: bool = True, parallel_config=None, **engine_kwargs):
+    def __init__(self, model, tokenizer=None, progress: bool = True, parallel_config=None,
+                 kernels: Optional[str] = None, **engine_kwargs):
         from .api import CausalLM, load_model
         if isinstance(model, CausalLM):
+            if kernels is not None:
+                raise ValueError("kernels is chosen when the model is loaded: pass it to load_model")
             self.model = model
         else:
-            self.model = load_model(model, parallel_config=parallel_config, progress=progress)
+            self.model = load_model(model, parallel_config=parallel_config, progress=progress, kernels=kernels)
             if tokenizer is None and os.path.isdir(model) and _has_tokenizer(model):
                 from .tokenizer import load_tokenizer
                 tokenizer = load_tokenizer(model)

@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 import yaml
 
 from . import config as _config_mod
-from .config import ConfigError, DeepseekConfig, ParallelConfig
+from .config import KERNEL_CHOICES, ConfigError, DeepseekConfig, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ _RUNTIME_OTHER_KEYS = frozenset({"type", "checkpoint_name_or_path", "moe_token_d
 _RUNTIME_FLOAT_KEYS = frozenset({"moe_router_bias_update_rate", "moe_aux_loss_coeff",
                                  "mtp_loss_scaling_factor", "init_method_std"})
 RUNTIME_KEYS = (_RUNTIME_INT_KEYS | _RUNTIME_DTYPE_KEYS | _RUNTIME_BOOL_KEYS | _RUNTIME_OTHER_KEYS
-                | _RUNTIME_FLOAT_KEYS)
+                | _RUNTIME_FLOAT_KEYS | {"kernels"})  # kernels: ours, beside mindformers' use_flash_attention ...
 
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32",
@@ -395,6 +395,10 @@ def _split_model_config(mc: Mapping[str, Any], src: str) -> Tuple[Dict[str, Any]
         elif key in _RUNTIME_BOOL_KEYS:
             runtime[key] = _bool(value, where % key)
         elif key in _RUNTIME_OTHER_KEYS:
+            runtime[key] = value
+        elif key == "kernels":
+            if value not in KERNEL_CHOICES:
+                raise ConfigError(f"{where % key} must be one of {', '.join(KERNEL_CHOICES)}, got {value!r}")
             runtime[key] = value
         elif key in _RUNTIME_FLOAT_KEYS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

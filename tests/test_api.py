@@ -83,3 +83,34 @@ def test_fp16_compute_runs_on_cpu():
 def test_bf16_compute_is_refused_on_cpu():
     with pytest.raises(ValueError, match="bfloat16"):
         deepseek_ms.load_model(str(fixture_dir(NAME)), progress=False, overrides={"compute_dtype": "bfloat16"})
+
+
+def test_kernel_choice_from_yaml_cli_and_argument(tmp_path, capsys):
+    """kernels: a predict YAML's model.model_config.kernels picks MindSpore's ops or the native
+    CPU kernels; an explicit argument wins over the YAML; the CLI's --kernels reaches the model
+    and greedy output is the same either way."""
+    import yaml
+
+    from deepseek_ms.backend import native_kernels
+    from deepseek_ms.cli import REPO_ROOT, main
+
+    if native_kernels("auto") is None:
+        pytest.skip("no C++ compiler: the native kernels are unavailable")
+    with open(f"{REPO_ROOT}/yaml/predict_deepseek_v3_tiny.yaml", encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    doc["pretrained_model_dir"] = str(fixture_dir(NAME))
+    doc["model"]["model_config"]["kernels"] = "mindspore"
+    path = tmp_path / "predict.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    assert deepseek_ms.load_model(str(path), progress=False).net.lm_head.native_linear is None
+    assert deepseek_ms.load_model(str(path), progress=False, kernels="auto").net.lm_head.native_linear is not None
+
+    g = _golden()
+    prompt = ",".join(str(int(t)) for t in g["input_ids"][0])
+    for choice in ("mindspore", "auto"):
+        assert main(["generate", "--model", str(fixture_dir(NAME)), "--prompt-ids", prompt,
+                     "--max-new-tokens", "8", "--kernels", choice]) == 0
+        printed = capsys.readouterr().out.strip().splitlines()[-1]
+        assert [int(t) for t in printed.split(",")] == g["greedy_ids"][0][:len(g["input_ids"][0]) + 8].tolist()
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(fixture_dir(NAME)), "--prompt-ids", prompt, "--kernels", "fast"])

@@ -480,6 +480,8 @@ def test_serve_config_loads_here_and_in_mindformers(tmp_path):
         load_settings(SERVE_CONFIG, None, {"serve.openai.prot": 1})
     with pytest.raises(ConfigError, match="max_num_seqs"):
         load_settings(SERVE_CONFIG, None, {"serve.engine.max_num_seqs": 0})
+    with pytest.raises(ConfigError, match="model.model_config.kernels"):
+        load_settings(SERVE_CONFIG, None, {"model.model_config.kernels": "fast"})
 
     pytest.importorskip("mindformers")
     script = ("import json, sys\nfrom mindformers.tools.register import MindFormerConfig\n"
@@ -517,3 +519,17 @@ def test_deepseek_ms_serve_starts_prints_and_stops(tmp_path):
     assert code == 0, tail(log)
     assert not os.path.exists(address[len("unix:"):])
     assert "engine server stopped" in log.read_text()
+
+
+def test_kernel_choice_reaches_the_engine_server():
+    """model.model_config.kernels in the serve YAML (or a dotted override) becomes the engine
+    server's --kernels, which its parser accepts."""
+    from deepseek_ms.cli import SERVE_CONFIG
+    from deepseek_ms.serving import engine_server
+    from deepseek_ms.serving.launcher import Service, load_settings
+
+    for overrides, want in (({}, "auto"), ({"model.model_config.kernels": "mindspore"}, "mindspore")):
+        service = Service(load_settings(SERVE_CONFIG, None, overrides))
+        args = service.engine_args()
+        assert args[args.index("--kernels") + 1] == want
+        assert engine_server.build_parser().parse_args(args).kernels == want

@@ -273,12 +273,13 @@ def test_dotted_overrides():
     rc = load_yaml_config(path, {
         "parallel_config.model_parallel": 2, "use_parallel": True,
         "model.model_config.num_hidden_layers": 4, "model.model_config.seq_length": 2048,
-        "context.device_target": "CPU", "serve.port": 8500,
+        "context.device_target": "CPU", "serve.port": 8500, "model.model_config.kernels": "mindspore",
     })
     assert rc.parallel.model_parallel == 2 and rc.parallel.data_parallel == 1
     assert rc.use_parallel is True
     assert rc.model.num_hidden_layers == 4 and rc.model.hidden_size == 2048
     assert rc.runtime["seq_length"] == 2048 and rc.runtime["block_size"] == 128
+    assert rc.runtime["kernels"] == "mindspore"
     assert rc.context["device_target"] == "CPU" and rc.context["max_device_memory"] == "58GB"
     assert rc.serve == {"port": 8500}
     assert rc.raw["parallel_config"]["model_parallel"] == 2 and rc.raw["serve"] == {"port": 8500}
@@ -402,6 +403,8 @@ ERROR_CASES = {
     "runtime_bool": (_mutate(_set("model", "model_config", "use_past", "maybe")), ["'model.model_config.use_past'"]),
     "runtime_dtype": (_mutate(_set("model", "model_config", "rotary_dtype", "float64")),
                       ["'model.model_config.rotary_dtype'"]),
+    "kernels": (_mutate(_set("model", "model_config", "kernels", "native")),
+                ["'model.model_config.kernels'", "auto, mindspore", "native"]),
     # parallel_config
     "parallel_unknown": (_mutate(_set("parallel_config", "foo_parallel", 2)), ["'parallel_config.foo_parallel'"]),
     "parallel_zero": (_mutate(_set("parallel_config", "model_parallel", 0)), ["parallel_config", "'model_parallel'"]),

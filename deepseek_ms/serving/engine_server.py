@@ -55,6 +55,7 @@ import yaml
 
 # absolute imports: this module is the entry script (python -m), whose imports MindSpore's
 # compile cache resolves without a package (relative ones make every compile fail)
+from deepseek_ms.config import KERNEL_CHOICES
 from deepseek_ms.engine.async_engine import AsyncLLMEngine
 from deepseek_ms.engine.llm_engine import EngineConfig
 from deepseek_ms.engine.sampling import SamplingParams
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name reported by health (default: folder name)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests allowed to wait beyond max_num_seqs before 'overloaded'")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
+                   help="native CPU kernels where they help (auto) or MindSpore's ops only; default: "
+                        "the YAML's model.model_config.kernels, else auto")
     p.add_argument("--parallel-config", type=_value, default=None,
                    help="mindformers parallel_config as YAML/JSON, e.g. '{model_parallel: 2}' (run under msrun)")
     engine = p.add_argument_group("engine (EngineConfig fields)")
@@ -332,7 +336,8 @@ def _run(args) -> int:
         raise ValueError(f"--parallel-config must be a mapping such as '{{model_parallel: 2}}', "
                          f"got {args.parallel_config!r}")
     parse_address(args.address)
-    llm = LLM(args.model, progress=False, parallel_config=args.parallel_config, **dataclasses.asdict(config))
+    llm = LLM(args.model, progress=False, parallel_config=args.parallel_config, kernels=args.kernels,
+              **dataclasses.asdict(config))
     if not lockstep(llm.engine):  # a follower rank: it replayed rank 0's steps until rank 0 exited
         return 0
     try:

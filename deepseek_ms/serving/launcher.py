@@ -64,6 +64,7 @@ class ServeSettings:
     rest_port: int = 1500
     workers: Optional[int] = None                # None: the engine's max_num_seqs
     parallel: Optional[Dict[str, int]] = None    # parallel_config when use_parallel asks for several ranks
+    kernels: Optional[str] = None                # model.model_config.kernels; None: the default (auto)
 
 
 _SECTIONS = {
@@ -93,7 +94,7 @@ def load_settings(config_path: str, model: Optional[str], overrides: Mapping[str
         overrides["pretrained_model_dir"] = os.path.abspath(model)
     rc = load_yaml_config(config_path, overrides)
     src = rc.config_path
-    values: Dict[str, Any] = {"model": rc.pretrained_model_dir}
+    values: Dict[str, Any] = {"model": rc.pretrained_model_dir, "kernels": rc.runtime.get("kernels")}
     engine: Dict[str, Any] = {_RUNTIME_TO_ENGINE[k]: v for k, v in rc.runtime.items() if k in _RUNTIME_TO_ENGINE}
     for section, keys in _SECTIONS.items():
         data = rc.serve if section is None else rc.serve.get(section) or {}
@@ -206,6 +207,17 @@ class Service:
             time.sleep(0.5)
         raise RuntimeError(f"{name} did not become ready within {self.s.startup_timeout:g} s")
 
+    def engine_args(self) -> List[str]:
+        """The engine server's command-line arguments for these settings."""
+        s = self.s
+        args = ["--model", self.model_dir, "--address", self.engine_address, "--served-model-name",
+                self.model_name, "--max-queue", str(s.max_queue)]
+        for key, value in s.engine.items():
+            args += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+        if s.kernels:
+            args += ["--kernels", s.kernels]
+        return args
+
     def start(self, cancel: threading.Event) -> None:
         s = self.s
         deadline = time.monotonic() + s.startup_timeout
@@ -214,10 +226,7 @@ class Service:
         if busy:  # checked first: a port held by another process would look like a ready front end
             raise RuntimeError(f"port(s) {', '.join(map(str, busy))} on {s.host} are already in use; "
                                f"choose others (e.g. serve.openai.port=8001)")
-        engine_args = ["--model", self.model_dir, "--address", self.engine_address, "--served-model-name",
-                       self.model_name, "--max-queue", str(s.max_queue)]
-        for key, value in s.engine.items():
-            engine_args += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+        engine_args = self.engine_args()
         if s.parallel:
             self._spawn_msrun(engine_args)
         else:
