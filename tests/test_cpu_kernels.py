@@ -262,3 +262,29 @@ def test_router(kernels, method):
     (idx, w), (ref_idx, ref_w) = [_numpy(o) for o in _both(cell, kernels, ms.Tensor(x))]
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(w, ref_w, **TOL)
+
+
+def test_forked_child_gets_its_own_pool_threads(kernels):
+    """A child forked after the kernels ran inherits the pool but not its worker threads;
+    it must start its own instead of running every work item on the calling thread."""
+    import ctypes
+    import os
+
+    lib = ctypes.CDLL(kernels.library)
+    used = lib.dsms_pool_threads_used
+    used.argtypes, used.restype = [ctypes.c_int], ctypes.c_int
+    in_parent = used(8)
+    if in_parent < 2:
+        pytest.skip("one CPU: the pool has no workers")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report and leave without running pytest's teardown
+        try:
+            os.write(write, str(used(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    in_child = int(os.read(read, 16) or b"0")
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert in_child == in_parent

@@ -9,9 +9,11 @@
 // it. The routed experts' weights may be bfloat16 (a BF16 checkpoint's own values): they are
 // widened to float32 in registers, exactly, and decode reads half the bytes.
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -33,12 +35,24 @@ namespace {
 // workers (OpenMP's default) starved those ops and made decode 2x slower. Work items are
 // claimed from a shared counter and the caller claims too, so a worker that the OS has
 // not scheduled yet costs nothing: the caller waits only for items already started.
+// A forked child inherits the pool but not its threads, so it gets a pool of its own.
 class Pool {
  public:
   static Pool &get() {
-    // never destroyed: MindSpore threads may still call kernels while the process exits
-    static Pool *pool = new Pool();
-    return *pool;
+    // never destroyed: MindSpore threads may still call kernels while the process exits.
+    // A parent's pool is left alone in a child: its mutexes may have been held at the fork.
+    static std::atomic<Pool *> pool{nullptr};
+    static std::mutex create_mu;
+    Pool *p = pool.load(std::memory_order_acquire);
+    if (p == nullptr || p->pid_ != getpid()) {
+      std::lock_guard<std::mutex> lk(create_mu);
+      p = pool.load(std::memory_order_acquire);
+      if (p == nullptr || p->pid_ != getpid()) {
+        p = new Pool();
+        pool.store(p, std::memory_order_release);
+      }
+    }
+    return *p;
   }
   // Calls f(i) for i in [0, n), spread over the calling thread and the workers.
   void run(int64_t n, const std::function<void(int64_t)> &f) {
@@ -72,7 +86,7 @@ class Pool {
     std::atomic<int64_t> next{0}, done{0};
   };
 
-  Pool() {
+  Pool() : pid_(getpid()) {
     cpu_set_t set;
     int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
     for (workers_ = 0; workers_ < cpus - 1; ++workers_) std::thread([this] { loop(); }).detach();
@@ -90,6 +104,7 @@ class Pool {
       job->work();
     }
   }
+  const pid_t pid_;
   int workers_ = 0;
   std::mutex run_mu_, mu_;
   std::condition_variable wake_;
@@ -232,6 +247,20 @@ int64_t numel(int nd, const int64_t *shape) {
 }
 
 }  // namespace
+
+// For tests of the pool: runs n work items of 20 ms each and returns how many distinct
+// threads ran them (the caller plus every worker, when all take part).
+extern "C" int dsms_pool_threads_used(int n) {
+  std::mutex mu;
+  std::vector<std::thread::id> ids;
+  parallel_for(n, [&](int64_t) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::lock_guard<std::mutex> lk(mu);
+    ids.push_back(std::this_thread::get_id());
+  });
+  std::sort(ids.begin(), ids.end());
+  return static_cast<int>(std::unique(ids.begin(), ids.end()) - ids.begin());
+}
 
 // y [M,N] = x [M,K] @ w [N,K]^T (float32).
 extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
