@@ -507,6 +507,52 @@ inline float exp_shifted(float *p, const float *mask, int64_t T, float mx) {
   return sum;
 }
 
+// Rows of b for rows_times_rows: strided in one block, or through a table of row pointers.
+struct StridedRows {
+  const float *base;
+  int64_t ld;
+  const float *operator()(int64_t k) const { return base + k * ld; }
+};
+struct TableRows {
+  const float *const *rows;
+  const float *operator()(int64_t k) const { return rows[k]; }
+};
+
+// y[r][0, n) = sum over k < K of a[r][k] * b(k)[0, n) for R rows of a against the rows of b,
+// 16 columns at a time: the R rows share each vector of b loaded, in 2R accumulators, and
+// no horizontal sums are needed. Attention's score and value products take this form.
+template <int R, typename Rows>
+inline void rows_times_rows(const float *const *a, int64_t K, Rows b, int64_t n, float *const *y) {
+  int64_t c = 0;
+#ifdef __AVX2__
+  for (; c + 16 <= n; c += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const float *bk = b(k);
+      __m256 b0 = _mm256_loadu_ps(bk + c), b1 = _mm256_loadu_ps(bk + c + 8);
+      DSMS_PIN(b0);
+      DSMS_PIN(b1);
+      for (int r = 0; r < R; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
+        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(y[r] + c, acc[r][0]);
+      _mm256_storeu_ps(y[r] + c + 8, acc[r][1]);
+    }
+  }
+#endif
+  for (; c < n; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += a[r][k] * b(k)[c];
+      y[r][c] = s;
+    }
+}
+
 // One past the last position the additive mask leaves visible (0 if none).
 inline int64_t visible_length(const float *mask, int64_t T) {
 #ifdef __AVX2__
@@ -597,11 +643,11 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
     const int64_t n = Tv + S;  // keys: the visible cached latents, then the new ones
     thread_local std::vector<float> buf;
     thread_local std::vector<const float *> key_buf;
-    buf.resize(G * n + n);
+    buf.resize(G * n + n + r);
     key_buf.resize(n);
     // plain pointers: a thread_local named inside the loops costs a __tls_get_addr call per
     // use in this shared library, and the call spills every accumulator around it
-    float *p = buf.data(), *mask = p + G * n;
+    float *p = buf.data(), *mask = p + G * n, *scratch = mask + n;
     const float **keys = key_buf.data();
     std::memcpy(mask, pm, sizeof(float) * Tv);
     std::memcpy(mask + Tv, sm, sizeof(float) * S);
@@ -624,35 +670,16 @@ extern "C" int dsms_mla_decode(int nparam, void **params, int *ndims, int64_t **
       const float mx = scale_mask_max(pg, mask, n, scale);
       inv_denom[g] = 1.0f / exp_shifted(pg, mask, n, mx);
     }
-    float o_tmp[G * 16];
-    float *o_row = o_lat + (row * nh + h0) * r;
-    int64_t c = 0;
-#ifdef __AVX2__
-    for (; c + 16 <= r; c += 16) {
-      __m256 acc[G][2];
-      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-      for (int64_t i = 0; i < n; ++i) {
-        const __m256 k0 = _mm256_loadu_ps(keys[i] + c), k1 = _mm256_loadu_ps(keys[i] + c + 8);
-        for (int g = 0; g < G; ++g) {
-          const __m256 pg = _mm256_broadcast_ss(p + g * n + i);
-          acc[g][0] = _mm256_fmadd_ps(pg, k0, acc[g][0]);
-          acc[g][1] = _mm256_fmadd_ps(pg, k1, acc[g][1]);
-        }
-      }
-      for (int g = 0; g < G; ++g) {
-        const __m256 inv = _mm256_set1_ps(inv_denom[g]);
-        _mm256_storeu_ps(o_tmp + g * 16, _mm256_mul_ps(acc[g][0], inv));
-        _mm256_storeu_ps(o_tmp + g * 16 + 8, _mm256_mul_ps(acc[g][1], inv));
-      }
-      for (int64_t g = 0; g < heads; ++g) std::memcpy(o_row + g * r + c, o_tmp + g * 16, sizeof(float) * 16);
+    // o_lat rows of the group's heads; an absent head of a short last group writes scratch
+    const float *prows[G];
+    float *orows[G];
+    for (int g = 0; g < G; ++g) {
+      prows[g] = p + g * n;
+      orows[g] = g < heads ? o_lat + (row * nh + h0 + g) * r : scratch;
     }
-#endif
-    for (; c < r; ++c)
-      for (int64_t g = 0; g < heads; ++g) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < n; ++i) s += p[g * n + i] * keys[i][c];
-        o_row[g * r + c] = s * inv_denom[g];
-      }
+    rows_times_rows<G>(prows, n, TableRows{keys}, r, orows);
+    for (int64_t g = 0; g < heads; ++g)
+      for (int64_t c = 0; c < r; ++c) orows[g][c] *= inv_denom[g];
   });
 
   parallel_for(nh, [&](int64_t h) {
@@ -758,52 +785,16 @@ extern "C" int dsms_router(int nparam, void **params, int *ndims, int64_t **shap
 
 namespace {
 
-// y[r][0, n) = sum over k < K of a[r][k] * b[k * ld, k * ld + n) for R rows of a against
-// the rows of b (row stride ld), 16 columns at a time: the R rows share each vector of b
-// loaded, in 2R accumulators, and no horizontal sums are needed. Attention's score and
-// value products both take this form.
-template <int R>
-inline void rows_times_rows(const float *const *a, int64_t K, const float *b, int64_t ld, int64_t n,
-                            float *const *y) {
-  int64_t c = 0;
-#ifdef __AVX2__
-  for (; c + 16 <= n; c += 16) {
-    __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      __m256 b0 = _mm256_loadu_ps(b + k * ld + c), b1 = _mm256_loadu_ps(b + k * ld + c + 8);
-      DSMS_PIN(b0);
-      DSMS_PIN(b1);
-      for (int r = 0; r < R; ++r) {
-        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
-        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(y[r] + c, acc[r][0]);
-      _mm256_storeu_ps(y[r] + c + 8, acc[r][1]);
-    }
-  }
-#endif
-  for (; c < n; ++c)
-    for (int r = 0; r < R; ++r) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += a[r][k] * b[k * ld + c];
-      y[r][c] = s;
-    }
-}
-
 // rows_times_rows for the 1 to kQueryRows rows of a query group
 inline void group_times_rows(int R, const float *const *a, int64_t K, const float *b, int64_t ld, int64_t n,
                              float *const *y) {
   switch (R) {
-    case 6: rows_times_rows<6>(a, K, b, ld, n, y); break;
-    case 5: rows_times_rows<5>(a, K, b, ld, n, y); break;
-    case 4: rows_times_rows<4>(a, K, b, ld, n, y); break;
-    case 3: rows_times_rows<3>(a, K, b, ld, n, y); break;
-    case 2: rows_times_rows<2>(a, K, b, ld, n, y); break;
-    default: rows_times_rows<1>(a, K, b, ld, n, y); break;
+    case 6: rows_times_rows<6>(a, K, StridedRows{b, ld}, n, y); break;
+    case 5: rows_times_rows<5>(a, K, StridedRows{b, ld}, n, y); break;
+    case 4: rows_times_rows<4>(a, K, StridedRows{b, ld}, n, y); break;
+    case 3: rows_times_rows<3>(a, K, StridedRows{b, ld}, n, y); break;
+    case 2: rows_times_rows<2>(a, K, StridedRows{b, ld}, n, y); break;
+    default: rows_times_rows<1>(a, K, StridedRows{b, ld}, n, y); break;
   }
 }
 
@@ -818,10 +809,11 @@ constexpr int kQueryRows = 6;   // query rows per group in prefill attention: 12
 // A work item is one (sequence, head): its keys are first packed into panels and its values
 // copied into a contiguous block (in kv_b_proj's output a head's rows are strided by all
 // heads, which thrashes the caches), then query rows go kQueryRows at a time, sharing each
-// key and value vector loaded. A group reads only the keys up to its rows' last visible one, so a causal prompt costs half
-// of the full score and value products; masked entries are exactly 0 as in the reference,
-// and a wholly masked row (padding) keeps the reference's uniform softmax. The value sum is
-// divided by the softmax denominator once per output row instead of once per probability.
+// key and value vector loaded. A group reads only the keys up to its rows' last visible
+// one, so a causal prompt costs half of the full score and value products; masked entries
+// are exactly 0 as in the reference, and a wholly masked row (padding) keeps the
+// reference's uniform softmax. The value sum is divided by the softmax denominator once
+// per output row instead of once per probability.
 // Inputs: q [B,S,nh,dn+dr] (rope applied), kv [B,T,nh*(dn+dv)] (kv_b_proj's output), k_pe
 // [B,T,dr] (rope applied), mask [B,S,T] additive, scale [1]. Output out [B,S,nh*dv].
 extern "C" int dsms_mla_prefill(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
