@@ -61,6 +61,15 @@ def _numpy(x):
     return [t.asnumpy() for t in x] if isinstance(x, (tuple, list)) else [x.asnumpy()]
 
 
+def _bf16_bits(x):
+    """float32 -> bfloat16 bits (uint16), truncated; widening them back is exact."""
+    return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _widen(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 # rows and features cover every tail of the 4x3 micro-kernel: 1-3 leftover rows, 1-2
 # leftover weight rows in a block, and in_features not a multiple of the vector width
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, NATIVE_MAX_ROWS])
@@ -74,6 +83,58 @@ def test_linear(kernels, rows, out_features, in_features):
     native, reference = _both(cell, kernels, ms.Tensor(x))
     np.testing.assert_allclose(native.asnumpy(), x @ w.T, **TOL)
     np.testing.assert_allclose(reference.asnumpy(), x @ w.T, **TOL)
+
+
+def _aot(lib, name, inputs, outputs):
+    """Call an AOT kernel of `lib` (ctypes) as MindSpore does: inputs then outputs, numpy
+    arrays, uint16 arrays passed as bfloat16."""
+    import ctypes
+    arrays = [np.ascontiguousarray(a) for a in inputs] + list(outputs)
+    n = len(arrays)
+    names = {np.dtype(np.float32): b"float32", np.dtype(np.int32): b"int32", np.dtype(np.uint16): b"bfloat16"}
+    shapes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    rc = getattr(lib, name)(
+        n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+        (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
+        (ctypes.c_char_p * n)(*[names[a.dtype] for a in arrays]), None, None)
+    assert rc == 0, f"{name} returned {rc}"
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_products_on_each_instruction_set(tmp_path, isa):
+    """Both vector paths of the dot products (AVX-512 when the CPU has it, and AVX2, built
+    here with -mno-avx512f), for fp32 and bf16 weights, every row tail, and K with a tail
+    past the vector width: `linear` and the routed experts against numpy."""
+    import ctypes
+    avx512 = b"avx512f" in cpu._cpu_flags().split()
+    if isa == "avx2" and b"avx2" not in cpu._cpu_flags().split():
+        pytest.skip("no AVX2 on this CPU")
+    lib = ctypes.CDLL(cpu.build(out_dir=str(tmp_path), extra_flags=["-mno-avx512f"] if isa == "avx2" else []))
+    assert lib.dsms_vector_width() == (16 if isa == "native" and avx512 else 8)
+    rng = np.random.default_rng(3)
+    K, N = 16 * 5 + 9, 100
+    w_bits = _bf16_bits(rng.standard_normal((N, K)))
+    w = _widen(w_bits)
+    for rows in range(1, NATIVE_MAX_ROWS + 1):
+        x = rng.standard_normal((rows, K)).astype(np.float32)
+        for weight in (w, w_bits):
+            y = np.zeros((rows, N), np.float32)
+            _aot(lib, "dsms_linear", [x, weight], [y])
+            np.testing.assert_allclose(y, x @ w.T, **TOL)
+    E, I, H, T, k = 4, 40, K, 23, 2
+    gate, up, down = (_bf16_bits(rng.standard_normal(s) * 0.3) for s in ((E, I, H), (E, I, H), (E, H, I)))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    idx = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
+    weights = rng.random((T, k)).astype(np.float32)
+    want = np.zeros((T, H), np.float32)
+    for t in range(T):
+        for j in range(k):
+            e = idx[t, j]
+            h = _widen(gate[e]) @ x[t]
+            want[t] += weights[t, j] * (_widen(down[e]) @ (h / (1 + np.exp(-h)) * (_widen(up[e]) @ x[t])))
+    y = np.zeros((T, H), np.float32)
+    _aot(lib, "dsms_moe_experts", [x, idx, np.zeros(1, np.int32), weights, gate, up, down], [y])
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
 def test_rms_norm_whole_rows_and_leading_columns(kernels):

@@ -21,7 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,11 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def build(compiler: Optional[str] = None, out_dir: Optional[str] = None) -> str:
-    """Compile cpu_kernels.cc (if this source + compiler has not been built yet) and return
-    the library's path. Raises RuntimeError with the compiler's output when it fails."""
+def build(compiler: Optional[str] = None, out_dir: Optional[str] = None, extra_flags: Sequence[str] = ()) -> str:
+    """Compile cpu_kernels.cc (if this source + compiler + flags has not been built yet) and
+    return the library's path. Raises RuntimeError with the compiler's output when it fails.
+    `extra_flags` follow -march=native: tests build the AVX2 path with -mno-avx512f."""
+    flags = [*FLAGS, *extra_flags]
     compiler = compiler or _compiler()
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
@@ -59,7 +61,7 @@ def build(compiler: Optional[str] = None, out_dir: Optional[str] = None) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"C++ compiler {compiler!r} does not run: {e}") from e
     # -march=native: a library built on one CPU may not run on another sharing the cache
-    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode() + _cpu_flags()).hexdigest()[:16]
+    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     path = os.path.join(out_dir, f"cpu_kernels-{key}.so")
     if os.path.isfile(path):
@@ -68,7 +70,7 @@ def build(compiler: Optional[str] = None, out_dir: Optional[str] = None) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *flags, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"building {SOURCE} with {compiler} failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, path)
@@ -93,10 +95,17 @@ class CpuKernels:
         self.library = library
 
     def linear(self):
-        """(x [..., K], w [N, K]) -> x W^T [..., N], float32."""
+        """(x [..., K], w [N, K] float32 or bfloat16) -> x W^T [..., N], float32."""
         from mindspore import ops
         return ops.Custom(f"{self.library}:dsms_linear", out_shape=lambda x, w: x[:-1] + [w[0]],
                           out_dtype=lambda x, w: x, func_type="aot")
+
+    def widen_bf16(self):
+        """(w bfloat16) -> w float32, exactly."""
+        import mindspore as ms
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_widen_bf16", out_shape=lambda w: w,
+                          out_dtype=lambda w: ms.float32, func_type="aot")
 
     def rms_norm(self):
         """(x [..., W], weight [D], eps [1]) -> x with its first D columns RMS-normalised."""

@@ -1,13 +1,15 @@
 // CPU kernels for the shapes MindSpore's own CPU kernels handle slowly: matmuls with few
 // rows (decode), and the routed experts, which read only the experts each token chose,
 // in place, with no padded rows. Called from compiled graphs as MindSpore AOT custom ops
-// (deepseek_ms/kernels/cpu.py builds this file with the host compiler).
+// (deepseek_ms/kernels/cpu.py builds this file with the host compiler for the host CPU:
+// the dot products use AVX-512 where it is available, else AVX2, else plain C++).
 //
 // Weights are [out, in] row-major, as in the checkpoint, so every output is a dot product
 // of two contiguous rows. A work item is a block of weight rows: it comes from memory once
 // per call and then streams from L2 while each group of activation rows, held in L1, walks
-// it. The routed experts' weights may be bfloat16 (a BF16 checkpoint's own values): they are
-// widened to float32 in registers, exactly, and decode reads half the bytes.
+// it. The weights of `linear` and of the routed experts may be bfloat16 (a BF16 checkpoint's
+// own values): they are widened to float32 in registers, exactly, and decode reads half the
+// bytes.
 #include <sched.h>
 #include <unistd.h>
 
@@ -114,11 +116,18 @@ class Pool {
 
 inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Pool::get().run(n, f); }
 
-constexpr int kRows = 4;    // activation rows per micro-kernel call
-constexpr int kCols = 3;    // weight rows per micro-kernel call: 4x3 accumulators + 3 weight vectors + 1 = 16 ymm
+// activation rows x weight rows per micro-kernel call: with AVX-512, 8x3 accumulators + 3
+// weight vectors + 1 activation vector = 28 of the 32 zmm registers; with AVX2, 4x3 + 3 + 1 =
+// the 16 ymm. More rows per weight vector loaded halves the weight traffic from L2.
+#ifdef __AVX512F__
+constexpr int kRows = 8;
+#else
+constexpr int kRows = 4;
+#endif
+constexpr int kCols = 3;
 constexpr int kBlock = 48;  // weight rows per parallel work item (a multiple of kCols)
 constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode
-constexpr int kKeys = 3;       // cached latent rows per micro-kernel call in absorbed decode: 4x3 as kRows x kCols
+constexpr int kKeys = 3;       // cached latent rows per micro-kernel call in absorbed decode (a 4x3 tile)
 
 using bf16 = uint16_t;  // a bfloat16: the high 16 bits of a float32
 
@@ -144,7 +153,14 @@ inline float hsum(__m256 v) {
 }
 // Keeps v in a register: without it GCC folds the weight loads into the FMAs and reloads
 // each weight vector once per activation row, which makes the loop load-bound (1.6x slower).
-#define DSMS_PIN(v) __asm__("" : "+x"(v))
+#define DSMS_PIN(v) __asm__("" : "+v"(v))
+#endif
+#ifdef __AVX512F__
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16 *p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 #endif
 
 // out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows. With
@@ -153,7 +169,28 @@ inline float hsum(__m256 v) {
 template <int R, int C, typename W>
 inline void dots(const float *const *a, const W *const *b, int64_t K, float *out, const W *next = nullptr) {
   int64_t k = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    if (next && k % kLine == 0)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char *>(next + c * K + k), _MM_HINT_T0);
+    __m512 bv[C];
+    for (int c = 0; c < C; ++c) {
+      bv[c] = load16(b[c] + k);
+      DSMS_PIN(bv[c]);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 av = _mm512_loadu_ps(a[r] + k);
+      DSMS_PIN(av);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, bv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
+#elif defined(__AVX2__)
   constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -208,13 +245,17 @@ void tile_row(const float *const *x, const W *w, int64_t K, int64_t n0, int64_t 
 
 // y[m][n] = dot(x[m], w[n]) for n in [n0, n1): x and y given as row pointers (y rows are
 // written at column n). Activation rows go kRows at a time over the whole weight block, so
-// the block streams from L2 while the rows stay in L1, with a 3-, 2- or 1-row tail.
+// the block streams from L2 while the rows stay in L1, then a tail of fewer rows.
 template <typename W>
 void rows_times_weight(const float *const *x, int64_t M, const W *w, int64_t K, int64_t n0, int64_t n1,
                        float *const *y) {
   int64_t m = 0;
   for (; m + kRows <= M; m += kRows) tile_row<kRows>(x + m, w, K, n0, n1, y + m, m == 0);
   switch (M - m) {
+    case 7: tile_row<7>(x + m, w, K, n0, n1, y + m, m == 0); break;
+    case 6: tile_row<6>(x + m, w, K, n0, n1, y + m, m == 0); break;
+    case 5: tile_row<5>(x + m, w, K, n0, n1, y + m, m == 0); break;
+    case 4: tile_row<4>(x + m, w, K, n0, n1, y + m, m == 0); break;
     case 3: tile_row<3>(x + m, w, K, n0, n1, y + m, m == 0); break;
     case 2: tile_row<2>(x + m, w, K, n0, n1, y + m, m == 0); break;
     case 1: tile_row<1>(x + m, w, K, n0, n1, y + m, m == 0); break;
@@ -248,6 +289,17 @@ int64_t numel(int nd, const int64_t *shape) {
 
 }  // namespace
 
+// For tests: the float lanes of the dot products this build uses (16 AVX-512, 8 AVX2, 1).
+extern "C" int dsms_vector_width() {
+#if defined(__AVX512F__)
+  return 16;
+#elif defined(__AVX2__)
+  return 8;
+#else
+  return 1;
+#endif
+}
+
 // For tests of the pool: runs n work items of 20 ms each and returns how many distinct
 // threads ran them (the caller plus every worker, when all take part).
 extern "C" int dsms_pool_threads_used(int n) {
@@ -262,12 +314,13 @@ extern "C" int dsms_pool_threads_used(int n) {
   return static_cast<int>(std::unique(ids.begin(), ids.end()) - ids.begin());
 }
 
-// y [M,N] = x [M,K] @ w [N,K]^T (float32).
+// y [M,N] = x [M,K] @ w [N,K]^T; x and y float32, w float32 or bfloat16.
 extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
   if (nparam != 3) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
+  AnyWeight w{params[1], false};
+  if (!AnyWeight::parse(dtypes[1], &w.is_bf16)) return 2;
   float *y = static_cast<float *>(params[2]);
   const int64_t K = shapes[0][ndims[0] - 1];
   const int64_t M = numel(ndims[0], shapes[0]) / K;
@@ -281,7 +334,29 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   parallel_for(blocks, [&](int64_t blk) {
     const int64_t n0 = blk * kBlock, n1 = n0 + kBlock < N ? n0 + kBlock : N;
-    rows_times_weight(xr.data(), M, w, K, n0, n1, yr.data());
+    w.times(xr.data(), M, 0, K, n0, n1, yr.data());
+  });
+  return 0;
+}
+
+// y = x widened from bfloat16 to float32 (exact), for MindSpore's MatMul over a weight kept
+// in bf16: its own Cast took 13 ms on a 2816 x 1024 weight, this 1 ms.
+extern "C" int dsms_widen_bf16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 2 || std::strcmp(dtypes[0], "bfloat16") != 0) return 1;
+  const bf16 *x = static_cast<const bf16 *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  constexpr int64_t kChunk = 1 << 16;
+  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
+    const int64_t i0 = c * kChunk, i1 = i0 + kChunk < n ? i0 + kChunk : n;
+    int64_t i = i0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= i1; i += 16) _mm512_storeu_ps(y + i, load16(x + i));
+#elif defined(__AVX2__)
+    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(y + i, load8(x + i));
+#endif
+    for (; i < i1; ++i) y[i] = to_f32(x[i]);
   });
   return 0;
 }
