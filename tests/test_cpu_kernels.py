@@ -70,17 +70,28 @@ def _widen(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-# rows and features cover every tail of the 4x3 micro-kernel: 1-3 leftover rows, 1-2
-# leftover weight rows in a block, and in_features not a multiple of the vector width
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, NATIVE_MAX_ROWS])
+# rows and features cover every tail of the 8x3 (AVX-512) and 4x3 (AVX2) micro-kernels:
+# 1-7 leftover rows, 1-2 leftover weight rows in a block, and in_features not a multiple of
+# the vector width. Past NATIVE_MAX_ROWS, MindSpore's MatMul runs on the weight, widened
+# from bf16 by `widen_bf16` under bf16 storage.
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 12, NATIVE_MAX_ROWS, 40])
 @pytest.mark.parametrize("out_features,in_features", [(38, 60), (256, 96)])
-def test_linear(kernels, rows, out_features, in_features):
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_linear(kernels, rows, out_features, in_features, storage):
+    """The native product against MindSpore's MatMul; with a weight kept in bf16 (as the
+    loader keeps a BF16 checkpoint's), detaching the kernels widens it back for MatMul."""
     rng = np.random.default_rng(rows)
     cell = Linear(in_features, out_features)
-    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    w = _widen(_bf16_bits(rng.standard_normal((out_features, in_features))))
     cell.weight.set_data(ms.Tensor(w))
     x = rng.standard_normal((1, rows, in_features)).astype(np.float32)
+    if storage == "bfloat16":
+        use_kernels(cell, kernels)
+        assert cell.bf16_storage
+        cell.weight.set_dtype(ms.bfloat16)
+        cell.weight.set_data(ms.Tensor.from_numpy(_bf16_bits(w)).view(ms.bfloat16))
     native, reference = _both(cell, kernels, ms.Tensor(x))
+    assert cell.weight.dtype == ms.float32
     np.testing.assert_allclose(native.asnumpy(), x @ w.T, **TOL)
     np.testing.assert_allclose(reference.asnumpy(), x @ w.T, **TOL)
 
@@ -262,22 +273,46 @@ def test_model_with_and_without_kernels():
 
 
 
-def _expert_dtypes(model):
+def _weight_dtypes(model, folder):
+    """(dtype of every stored weight of the routed experts and projections, the dtype each
+    should have: bf16 where the checkpoint's tensor is BF16 and the weight may keep it)."""
+    from deepseek_ms.checkpoint.hf_loader import _hf_name
+    from deepseek_ms.checkpoint.safetensors_io import CheckpointReader
     from deepseek_ms.model.moe import RoutedExperts
-    return {str(getattr(cell, p).dtype) for _, cell in model.net.cells_and_names() if isinstance(cell, RoutedExperts)
-            for p in ("gate_proj", "up_proj", "down_proj")}
+    reader = CheckpointReader(str(folder))
+    got, want = {}, {}
+    for name, cell in model.net.cells_and_names():
+        if isinstance(cell, RoutedExperts):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                got[f"{name}.{p}"] = str(getattr(cell, p).dtype)
+                bf16 = all(reader.dtype(_hf_name(f"{name}.{e}.{p}.weight", model.config)) == "BF16"
+                           for e in range(cell.n_routed_experts))
+                want[f"{name}.{p}"] = "BFloat16" if bf16 else "Float32"
+        elif isinstance(cell, Linear):
+            got[name] = str(cell.weight.dtype)
+            bf16 = reader.dtype(_hf_name(f"{name}.weight", model.config)) == "BF16"
+            want[name] = "BFloat16" if bf16 and not name.endswith("kv_b_proj") else "Float32"
+    reader.close()
+    return got, want
 
 
-def test_bf16_checkpoints_keep_their_experts_in_bf16():
-    """Under the native kernels a BF16 checkpoint's routed experts stay bf16 (exact: they are the
-    checkpoint's own values; test_model_with_and_without_kernels compares that model's logits
-    with fp32 MindSpore ops). Anything else, or MindSpore's ops, keeps fp32."""
+def test_bf16_checkpoints_keep_their_weights_in_bf16():
+    """Under the native kernels a checkpoint's BF16 routed experts and projections stay bf16
+    (exact: they are the checkpoint's own values; test_model_with_and_without_kernels compares
+    that model's logits with fp32 MindSpore ops), except kv_b_proj, which the absorbed decode
+    kernel reads as fp32. F32 tensors, FP8 ones (times their scales), and everything under
+    MindSpore's ops are fp32."""
     import deepseek_ms
-    assert _expert_dtypes(load_fixture_model("deepseek_v3_tiny")) == {"BFloat16"}
-    assert _expert_dtypes(load_fixture_model("deepseek_v2_lite_tiny")) == {"Float32"}  # F32 tensors
-    assert _expert_dtypes(load_fixture_model("deepseek_v3_fp8_tiny")) == {"Float32"}  # FP8 x scale: not bf16
-    plain = deepseek_ms.load_model(str(fixture_dir("deepseek_v3_tiny")), progress=False, kernels="mindspore")
-    assert _expert_dtypes(plain) == {"Float32"}
+    for name in ("deepseek_v3_tiny", "deepseek_v2_lite_tiny", "deepseek_v3_fp8_tiny"):
+        got, want = _weight_dtypes(load_fixture_model(name), fixture_dir(name))
+        assert got == want, name
+        if name == "deepseek_v3_tiny":  # all BF16 tensors
+            assert {d for n, d in got.items() if not n.endswith("kv_b_proj")} == {"BFloat16"}
+        if name == "deepseek_v2_lite_tiny":  # all F32 tensors
+            assert set(got.values()) == {"Float32"}
+    folder = fixture_dir("deepseek_v3_tiny")
+    plain = deepseek_ms.load_model(str(folder), progress=False, kernels="mindspore")
+    assert set(_weight_dtypes(plain, folder)[0].values()) == {"Float32"}
 
 
 def test_kernel_choice_is_validated():

@@ -10,7 +10,7 @@ from deepseek_ms.checkpoint import write_safetensors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(model_type="deepseek_v3", vocab_size=8000, hidden_size=384, intermediate_size=1024,
-              moe_intermediate_size=384, num_hidden_layers=6, num_attention_heads=8, q_lora_rank=192,
+              moe_intermediate_size=384, num_hidden_layers=8, num_attention_heads=8, q_lora_rank=192,
               kv_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
               n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
               max_position_embeddings=1024)

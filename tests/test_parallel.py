@@ -122,8 +122,11 @@ def test_weight_bytes_per_rank_are_the_expected_share(runs, n, layout, model):
     native = cpu.load() is not None
 
     def itemsize(reader, name):
-        # under the native kernels the loader keeps a BF16 checkpoint's routed experts in bf16
-        if native and re.search(r"\.mlp\.experts\.\d+\.", name) and reader.dtype(name) == "BF16":
+        # under the native kernels the loader keeps a BF16 checkpoint's routed experts and
+        # projections (but kv_b_proj, which the absorbed decode kernel reads as fp32) in bf16
+        projection = re.search(r"(_proj|kv_a_proj_with_mqa|lm_head)\.weight$", name) and ".kv_b_proj." not in name
+        expert = re.search(r"\.mlp\.experts\.\d+\.", name)
+        if native and (expert or projection) and reader.dtype(name) == "BF16":
             return 2
         return np.dtype(config.param_dtype).itemsize
 

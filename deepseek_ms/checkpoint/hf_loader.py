@@ -39,7 +39,7 @@ class WeightRule:
     row: Optional[int] = None      # index into a stacked (expert) parameter
     kind: str = "load"             # load | shared | skip
     never_fp8: bool = False        # router weight and bias stay high precision in FP8 checkpoints
-    bf16_storage: bool = False     # kept in bfloat16 when every tensor it stacks is BF16 (exact)
+    bf16_storage: bool = False     # kept in bfloat16 when the tensor (every one it stacks) is BF16: exact
 
 
 def _hf_name(ours: str, config: DeepseekConfig) -> str:
@@ -55,6 +55,18 @@ def _hf_name(ours: str, config: DeepseekConfig) -> str:
     return ours
 
 
+def _store(rule: WeightRule, buf: np.ndarray) -> None:
+    """Set a parameter from `buf`: its values, or bf16 bits (uint16) under bf16 storage."""
+    import mindspore as ms
+
+    kept_bf16 = buf.dtype == np.uint16
+    if rule.bf16_storage and rule.param.dtype != (ms.bfloat16 if kept_bf16 else ms.float32):
+        # what was read decides: bf16 bits, or fp32 (a reload of other tensors, too)
+        rule.param.set_dtype(ms.bfloat16 if kept_bf16 else ms.float32)
+    tensor = ms.Tensor.from_numpy(np.ascontiguousarray(buf))
+    rule.param.set_data(tensor.view(ms.bfloat16) if kept_bf16 else tensor)
+
+
 def weight_rules(net) -> Dict[str, WeightRule]:
     """Checkpoint tensor name -> how it loads into `net` (a DeepseekForCausalLM)."""
     from ..model.linear import Linear
@@ -67,7 +79,8 @@ def weight_rules(net) -> Dict[str, WeightRule]:
     for cell_name, cell in net.cells_and_names():
         if isinstance(cell, (Linear, VocabParallelEmbedding)):
             rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(
-                cell.weight, cell.expected_hf_shape(), cell.shard_of())
+                cell.weight, cell.expected_hf_shape(), cell.shard_of(),
+                bf16_storage=getattr(cell, "bf16_storage", False))
             owned.add(id(cell.weight))
         elif isinstance(cell, Router):
             rules[_hf_name(f"{cell_name}.weight", config)] = WeightRule(cell.weight, tuple(cell.weight.shape),
@@ -167,15 +180,13 @@ def load_hf_weights(net, folder: str, progress: bool = True) -> None:
             else:
                 buf[rule.row] = reader.read_dequantized(name, block_size=block, slice=rule.shard)
             continue
+        if rule.bf16_storage and reader.dtype(name) == "BF16":  # the tensor's stored bits
+            _store(rule, reader.read(name, dtype=None) if rule.shard is None
+                   else reader.read_slice(name, *rule.shard, dtype=None))
+            continue
         array = reader.read_dequantized(name, block_size=block, slice=rule.shard)
-        rule.param.set_data(ms.Tensor.from_numpy(np.ascontiguousarray(array, dtype=target_dtype)))
+        _store(rule, np.ascontiguousarray(array, dtype=target_dtype))
     for rule in {id(r.param): r for r in rules.values() if r.row is not None}.values():
-        buf = stacked.pop(id(rule.param))
-        kept_bf16 = buf.dtype == np.uint16
-        if rule.bf16_storage and rule.param.dtype != (ms.bfloat16 if kept_bf16 else ms.float32):
-            # what was read decides: bf16 bits, or fp32 (a reload of other tensors, too)
-            rule.param.set_dtype(ms.bfloat16 if kept_bf16 else ms.float32)
-        tensor = ms.Tensor.from_numpy(buf)
-        rule.param.set_data(tensor.view(ms.bfloat16) if kept_bf16 else tensor)
+        _store(rule, stacked.pop(id(rule.param)))
     reader.close()
     logger.info("loaded %d tensors from %s", len(loadable), folder)

@@ -62,8 +62,9 @@ class MLAttention(nn.Cell):
             self.q_b_proj = Linear(c.q_lora_rank, n_heads * c.qk_head_dim, "column", tp, param_dtype)
         self.kv_a_proj_with_mqa = Linear(H, c.kv_lora_rank + c.qk_rope_head_dim, "replicated", tp, param_dtype)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, param_dtype)
+        # the absorbed decode kernel reads kv_b_proj's weight itself, as fp32
         self.kv_b_proj = Linear(c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), "column", tp,
-                                param_dtype)
+                                param_dtype, bf16_storage_ok=False)
         self.o_proj = Linear(n_heads * c.v_head_dim, H, "row", tp, param_dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)

@@ -49,15 +49,29 @@ class DenseWeight:
 
     @staticmethod
     def matmul(cell, x2d):
-        return cell.matmul(x2d, cell.weight.astype(x2d.dtype))
+        w = cell.weight
+        if cell.native_widen is not None and w.dtype == ms.bfloat16:  # see Linear.bf16_storage
+            w = cell.native_widen(w)
+        return cell.matmul(x2d, w.astype(x2d.dtype))
 
 
 WEIGHT_FORMATS = {DenseWeight.name: DenseWeight}
 
 
+def undo_bf16_storage(params, dtype) -> None:
+    """Widen parameters the checkpoint loader kept in bfloat16 (see `Linear.bf16_storage`)
+    back to `dtype`, for MindSpore's ops once the native kernels are detached."""
+    for p in params:
+        if p.dtype != dtype:
+            widened = p.astype(dtype)
+            p.set_dtype(dtype)
+            p.set_data(widened)
+
+
 class Linear(nn.Cell):
     def __init__(self, in_features: int, out_features: int, role: str = "replicated",
-                 tp: TPGroup = NO_TP, param_dtype=ms.float32, weight_format: str = "dense"):
+                 tp: TPGroup = NO_TP, param_dtype=ms.float32, weight_format: str = "dense",
+                 bf16_storage_ok: bool = True):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"Linear role must be one of {ROLES}, got {role!r}")
@@ -73,20 +87,36 @@ class Linear(nn.Cell):
         self.local_in = in_features // tp.size if role == "row" else in_features
         self.local_out = out_features // tp.size if role == "column" else out_features
         self.fmt = WEIGHT_FORMATS[weight_format]
+        self.param_dtype = param_dtype  # the storage may differ: see `bf16_storage`
+        self.bf16_storage_ok = bf16_storage_ok
         for name, param in self.fmt.create((self.local_out, self.local_in), param_dtype).items():
             setattr(self, name, param)
         self.matmul = ops.MatMul(transpose_b=True)
         self.reduce = AllReduce(tp.name, tp.size) if role == "row" else None
         self.native_linear = None
+        self.native_widen = None
 
     @property
     def dense_fp32(self) -> bool:
         """Plain fp32 weights: what the native kernels read."""
-        return self.fmt is DenseWeight and self.weight.dtype == ms.float32
+        return self.fmt is DenseWeight and self.param_dtype == ms.float32
 
     def use_kernels(self, kernels) -> None:
         """Route few-row fp32 products of dense weights through `kernels.linear` (inference only)."""
         self.native_linear = kernels.linear() if kernels is not None and self.dense_fp32 else None
+        self.native_widen = kernels.widen_bf16() if self.native_linear is not None else None
+        if self.native_linear is None and self.fmt is DenseWeight:
+            undo_bf16_storage([self.weight], self.param_dtype)
+
+    @property
+    def bf16_storage(self) -> bool:
+        """Whether the checkpoint loader may keep the weight in bfloat16 when the checkpoint
+        stores it so. Exact: the native kernel widens it to fp32 in registers, and a many-row
+        product (prefill) widens it for MindSpore's MatMul in that call (`kernels.widen_bf16`)
+        instead of keeping an fp32 copy. Decode, which reads every weight each step for a few
+        rows, reads half the bytes. Off under MindSpore's ops only (devices, training) and
+        where another kernel reads the weight as fp32 (`bf16_storage_ok`)."""
+        return self.native_linear is not None and self.bf16_storage_ok
 
     def construct(self, x):
         shape = x.shape

@@ -26,7 +26,7 @@ from ..config import DeepseekConfig
 from ..parallel.ep_dispatch import AlltoAllDispatcher
 from ..parallel.layers import TokenExchange
 from ..parallel.layout import NO_EP, ExpertGroups, use_alltoall
-from .linear import NO_TP, Linear, TPGroup
+from .linear import NO_TP, Linear, TPGroup, undo_bf16_storage
 
 _MASKED = -1e30  # a dropped group's experts can never be selected
 
@@ -153,12 +153,8 @@ class RoutedExperts(nn.Cell):
         (which the loader may keep in bf16, see `bf16_storage`)."""
         fp32 = self.param_dtype == ms.float32
         self.native_experts = kernels.moe_experts() if kernels is not None and fp32 else None
-        if self.native_experts is None:  # MindSpore's ops take the configured dtype: undo bf16 storage
-            for p in (self.gate_proj, self.up_proj, self.down_proj):
-                if p.dtype != self.param_dtype:
-                    widened = p.astype(self.param_dtype)
-                    p.set_dtype(self.param_dtype)
-                    p.set_data(widened)
+        if self.native_experts is None:  # MindSpore's ops take the configured dtype
+            undo_bf16_storage((self.gate_proj, self.up_proj, self.down_proj), self.param_dtype)
 
     @property
     def bf16_storage(self) -> bool:
