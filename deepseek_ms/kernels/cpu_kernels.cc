@@ -154,13 +154,30 @@ inline float hsum(__m256 v) {
 // Keeps v in a register: without it GCC folds the weight loads into the FMAs and reloads
 // each weight vector once per activation row, which makes the loop load-bound (1.6x slower).
 #define DSMS_PIN(v) __asm__("" : "+v"(v))
-#endif
+
+// The vector of the matrix products (dots, widen): 16 floats with AVX-512, else 8.
 #ifdef __AVX512F__
-inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16 *p) {
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float *p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const bf16 *p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline void vstore(float *p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#else
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+template <typename W>
+inline Vec vload(const W *p) { return load8(p); }
+inline void vstore(float *p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return hsum(v); }
+#endif
 #endif
 
 // out[r * C + c] = dot(a[r], b[c]) over K, for R activation rows and C weight rows. With
@@ -169,48 +186,27 @@ inline __m512 load16(const bf16 *p) {
 template <int R, int C, typename W>
 inline void dots(const float *const *a, const W *const *b, int64_t K, float *out, const W *next = nullptr) {
   int64_t k = 0;
-#if defined(__AVX512F__)
+#ifdef __AVX2__
   constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
-  __m512 acc[R][C];
+  Vec acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
+    for (int c = 0; c < C; ++c) acc[r][c] = vzero();
+  for (; k + kLanes <= K; k += kLanes) {
     if (next && k % kLine == 0)
       for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char *>(next + c * K + k), _MM_HINT_T0);
-    __m512 bv[C];
+    Vec bv[C];
     for (int c = 0; c < C; ++c) {
-      bv[c] = load16(b[c] + k);
+      bv[c] = vload(b[c] + k);
       DSMS_PIN(bv[c]);
     }
     for (int r = 0; r < R; ++r) {
-      __m512 av = _mm512_loadu_ps(a[r] + k);
+      Vec av = vload(a[r] + k);
       DSMS_PIN(av);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, bv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) acc[r][c] = vfma(av, bv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
-#elif defined(__AVX2__)
-  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (; k + 8 <= K; k += 8) {
-    if (next && k % kLine == 0)
-      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char *>(next + c * K + k), _MM_HINT_T0);
-    __m256 bv[C];
-    for (int c = 0; c < C; ++c) {
-      bv[c] = load8(b[c] + k);
-      DSMS_PIN(bv[c]);
-    }
-    for (int r = 0; r < R; ++r) {
-      __m256 av = _mm256_loadu_ps(a[r] + k);
-      DSMS_PIN(av);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[r * C + c] = hsum(acc[r][c]);
+    for (int c = 0; c < C; ++c) out[r * C + c] = vsum(acc[r][c]);
 #else
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) out[r * C + c] = 0.0f;
@@ -351,10 +347,8 @@ extern "C" int dsms_widen_bf16(int nparam, void **params, int *ndims, int64_t **
   parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
     const int64_t i0 = c * kChunk, i1 = i0 + kChunk < n ? i0 + kChunk : n;
     int64_t i = i0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= i1; i += 16) _mm512_storeu_ps(y + i, load16(x + i));
-#elif defined(__AVX2__)
-    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(y + i, load8(x + i));
+#ifdef __AVX2__
+    for (; i + kLanes <= i1; i += kLanes) vstore(y + i, vload(x + i));
 #endif
     for (; i < i1; ++i) y[i] = to_f32(x[i]);
   });
