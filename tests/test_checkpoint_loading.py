@@ -141,6 +141,7 @@ def test_mindspore_checkpoint_round_trip_is_bit_exact(tmp_path):
     theirs = dict(reloaded.net.parameters_and_names())
     for name, param in original.net.parameters_and_names():
         np.testing.assert_array_equal(param.asnumpy(), theirs[name].asnumpy(), err_msg=name)
+        assert theirs[name].dtype == param.dtype, name  # bf16 storage survives the round trip
     ids = np.load(src / "golden.npz")["input_ids"]
     np.testing.assert_array_equal(reloaded.logits(ids), original.logits(ids))
 

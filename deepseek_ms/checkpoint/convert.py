@@ -43,5 +43,12 @@ def load_ms_checkpoint(net, path: str) -> None:
         if tuple(params[name].shape) != tuple(param.shape):
             raise CheckpointError(f"{path}: parameter '{name}' has shape {list(params[name].shape)}, "
                                   f"expected {list(param.shape)}")
+    # weights the HF loader would keep in bf16 (Linear / RoutedExperts `bf16_storage`) keep a
+    # saved bf16 value as it is instead of being widened into the fp32 parameter
+    keep_dtype = {id(p) for _, cell in net.cells_and_names() if getattr(cell, "bf16_storage", False)
+                  for p in cell.get_parameters(expand=False)}
     for name, param in expected.items():
-        param.set_data(params[name])
+        value = params[name]
+        if id(param) in keep_dtype and value.dtype in (ms.bfloat16, ms.float32) and value.dtype != param.dtype:
+            param.set_dtype(value.dtype)
+        param.set_data(value)
