@@ -160,7 +160,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _add_kernels_arg(parser: argparse.ArgumentParser) -> None:
+def add_kernels_arg(parser: argparse.ArgumentParser) -> None:
+    """--kernels, for the commands that load a model (and the engine server)."""
     parser.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                         help="native CPU kernels where they help (auto) or MindSpore's ops only; "
                              "default: a YAML's model.model_config.kernels, else auto")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=20)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
-    _add_kernels_arg(g)
+    add_kernels_arg(g)
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive streaming chat (needs a tokenizer with a chat template)")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.7)
-    _add_kernels_arg(ch)
+    add_kernels_arg(ch)
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="measure the hardware (hw) or the collectives under msrun (comm)")

@@ -287,10 +287,8 @@ int64_t numel(int nd, const int64_t *shape) {
 
 // For tests: the float lanes of the dot products this build uses (16 AVX-512, 8 AVX2, 1).
 extern "C" int dsms_vector_width() {
-#if defined(__AVX512F__)
-  return 16;
-#elif defined(__AVX2__)
-  return 8;
+#ifdef __AVX2__
+  return static_cast<int>(kLanes);
 #else
   return 1;
 #endif

@@ -55,7 +55,7 @@ import yaml
 
 # absolute imports: this module is the entry script (python -m), whose imports MindSpore's
 # compile cache resolves without a package (relative ones make every compile fail)
-from deepseek_ms.config import KERNEL_CHOICES
+from deepseek_ms.cli import add_kernels_arg
 from deepseek_ms.engine.async_engine import AsyncLLMEngine
 from deepseek_ms.engine.llm_engine import EngineConfig
 from deepseek_ms.engine.sampling import SamplingParams
@@ -292,9 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name reported by health (default: folder name)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests allowed to wait beyond max_num_seqs before 'overloaded'")
-    p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
-                   help="native CPU kernels where they help (auto) or MindSpore's ops only; default: "
-                        "the YAML's model.model_config.kernels, else auto")
+    add_kernels_arg(p)
     p.add_argument("--parallel-config", type=_value, default=None,
                    help="mindformers parallel_config as YAML/JSON, e.g. '{model_parallel: 2}' (run under msrun)")
     engine = p.add_argument_group("engine (EngineConfig fields)")
