@@ -23,6 +23,22 @@ def load_fixture_model(name: str):
     return deepseek_ms.load_model(str(fixture_dir(name)), progress=False)
 
 
+def experts_reference(x, idx, w, weights, first, n):
+    """Routed SwiGLU experts in float64 numpy: sum over each token's chosen experts in
+    [first, first + n) of weight * down(silu(gate x) * up x); `weights` maps
+    gate_proj/up_proj/down_proj to [E, ...] arrays."""
+    out = np.zeros_like(x, dtype=np.float64)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if not first <= e < first + n:
+                continue
+            g = weights["gate_proj"][e] @ x[t]
+            u = weights["up_proj"][e] @ x[t]
+            out[t] += w[t, j] * (weights["down_proj"][e] @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
 def run_requests(engine, prompts, params, ids=None):
     """Add every prompt to `engine`, step until all finish; the token ids of each, in order."""
     ids = ids or [f"r{i}" for i in range(len(prompts))]

@@ -11,6 +11,7 @@ ms = pytest.importorskip("mindspore")
 from mindspore import nn  # noqa: E402
 
 from deepseek_ms.backend import native_kernels  # noqa: E402
+from deepseek_ms.checkpoint.safetensors_io import bf16_to_float32  # noqa: E402
 from deepseek_ms.config import DeepseekConfig  # noqa: E402
 from deepseek_ms.kernels import cpu  # noqa: E402
 from deepseek_ms.model.attention import MLAttention  # noqa: E402
@@ -18,7 +19,7 @@ from deepseek_ms.model.linear import NATIVE_MAX_ROWS, Linear  # noqa: E402
 from deepseek_ms.model.norm import RMSNorm  # noqa: E402
 from deepseek_ms.model.rope import apply_rope  # noqa: E402
 from deepseek_ms.model.transformer import use_kernels  # noqa: E402
-from helpers import fixture_dir, load_fixture_model  # noqa: E402
+from helpers import experts_reference, fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
@@ -66,10 +67,6 @@ def _bf16_bits(x):
     return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def _widen(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 # rows and features cover every tail of the 8x3 (AVX-512) and 4x3 (AVX2) micro-kernels:
 # 1-7 leftover rows, 1-2 leftover weight rows in a block, and in_features not a multiple of
 # the vector width. Past NATIVE_MAX_ROWS, MindSpore's MatMul runs on the weight, widened
@@ -82,7 +79,7 @@ def test_linear(kernels, rows, out_features, in_features, storage):
     loader keeps a BF16 checkpoint's), detaching the kernels widens it back for MatMul."""
     rng = np.random.default_rng(rows)
     cell = Linear(in_features, out_features)
-    w = _widen(_bf16_bits(rng.standard_normal((out_features, in_features))))
+    w = bf16_to_float32(_bf16_bits(rng.standard_normal((out_features, in_features))))
     cell.weight.set_data(ms.Tensor(w))
     x = rng.standard_normal((1, rows, in_features)).astype(np.float32)
     if storage == "bfloat16":
@@ -126,7 +123,7 @@ def test_products_on_each_instruction_set(tmp_path, isa):
     rng = np.random.default_rng(3)
     K, N = 16 * 5 + 9, 100
     w_bits = _bf16_bits(rng.standard_normal((N, K)))
-    w = _widen(w_bits)
+    w = bf16_to_float32(w_bits)
     for rows in range(1, NATIVE_MAX_ROWS + 1):
         x = rng.standard_normal((rows, K)).astype(np.float32)
         for weight in (w, w_bits):
@@ -138,12 +135,8 @@ def test_products_on_each_instruction_set(tmp_path, isa):
     x = rng.standard_normal((T, H)).astype(np.float32)
     idx = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
     weights = rng.random((T, k)).astype(np.float32)
-    want = np.zeros((T, H), np.float32)
-    for t in range(T):
-        for j in range(k):
-            e = idx[t, j]
-            h = _widen(gate[e]) @ x[t]
-            want[t] += weights[t, j] * (_widen(down[e]) @ (h / (1 + np.exp(-h)) * (_widen(up[e]) @ x[t])))
+    want = experts_reference(x, idx, weights, {"gate_proj": bf16_to_float32(gate), "up_proj": bf16_to_float32(up),
+                                               "down_proj": bf16_to_float32(down)}, 0, E)
     y = np.zeros((T, H), np.float32)
     _aot(lib, "dsms_moe_experts", [x, idx, np.zeros(1, np.int32), weights, gate, up, down], [y])
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ from mindspore import nn  # noqa: E402
 
 from deepseek_ms.config import DeepseekConfig  # noqa: E402
 from deepseek_ms.model.moe import RoutedExperts  # noqa: E402
-from helpers import fixture_dir  # noqa: E402
+from helpers import experts_reference, fixture_dir  # noqa: E402
 
 
 def _config(E=16, k=2):
@@ -31,19 +31,6 @@ def _experts(config, weights, first=0, n=None):
     for p, w in weights.items():
         getattr(cell, p).set_data(ms.Tensor(w[first:first + n]))
     return cell
-
-
-def _reference(x, idx, w, weights, first, n):
-    out = np.zeros_like(x, dtype=np.float64)
-    for t in range(x.shape[0]):
-        for j in range(idx.shape[1]):
-            e = int(idx[t, j])
-            if not first <= e < first + n:
-                continue
-            g = weights["gate_proj"][e] @ x[t]
-            u = weights["up_proj"][e] @ x[t]
-            out[t] += w[t, j] * (weights["down_proj"][e] @ (g / (1 + np.exp(-g)) * u))
-    return out
 
 
 def _balanced(rng, N, k, E):
@@ -72,7 +59,7 @@ def test_slotted_path_is_exact(first, n):
     idx = _balanced(rng, N, k, 16)
     assert np.bincount(idx.ravel(), minlength=16).max() <= capacity  # no fallback: the slots carry it
     w = rng.random((N, k)).astype(np.float32)
-    want = _reference(x, idx, w, weights, first, n)
+    want = experts_reference(x, idx, w, weights, first, n)
     args = (ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w))
     np.testing.assert_allclose(cell._slotted(*args, capacity).asnumpy(), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(cell._dense(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)
@@ -97,7 +84,7 @@ def test_overloaded_expert_stays_exact(overload):
     load = np.bincount(idx.ravel()).max()
     assert capacity < load and (load <= 2 * capacity) == (overload == "double_slots")
     w = rng.random((N, k)).astype(np.float32)
-    want = _reference(x, idx, w, weights, 0, 16)
+    want = experts_reference(x, idx, w, weights, 0, 16)
     got = ms.jit(_Graph(cell))(ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w)).asnumpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -111,7 +98,7 @@ def test_decode_path_reads_only_chosen_experts_exactly():
     idx = _balanced(rng, 3, 2, 16)
     w = rng.random((3, 2)).astype(np.float32)
     got = ms.jit(_Graph(cell))(ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w)).asnumpy()
-    np.testing.assert_allclose(got, _reference(x, idx, w, weights, 8, 8), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, experts_reference(x, idx, w, weights, 8, 8), rtol=1e-4, atol=1e-4)
 
 
 def test_capacity_covers_a_balanced_load_with_margin():
@@ -138,7 +125,7 @@ def test_native_cpu_kernel_is_exact(first, n, N):
     x = rng.standard_normal((N, config.hidden_size)).astype(np.float32)
     idx = _balanced(rng, N, 2, 16)
     w = rng.random((N, 2)).astype(np.float32)
-    want = _reference(x, idx, w, weights, first, n)
+    want = experts_reference(x, idx, w, weights, first, n)
     args = (ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w))
     np.testing.assert_allclose(cell(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ms.jit(_Graph(cell))(*args).asnumpy(), want, rtol=1e-4, atol=1e-4)
@@ -164,7 +151,7 @@ def test_native_cpu_kernel_reads_bf16_weights_exactly(hidden, inter):
     fp32 = _experts(config, weights)
     fp32.use_kernels(kernels)
     want = fp32(*args).asnumpy()
-    np.testing.assert_allclose(want, _reference(x, idx, w, weights, 0, 16), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(want, experts_reference(x, idx, w, weights, 0, 16), rtol=1e-4, atol=1e-4)
     for bf16_projections in (("gate_proj", "up_proj", "down_proj"), ("up_proj",)):
         cell = _experts(config, weights)
         for p in bf16_projections:
