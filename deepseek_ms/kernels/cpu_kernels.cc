@@ -126,8 +126,8 @@ constexpr int kRows = 4;
 #endif
 constexpr int kCols = 3;
 constexpr int kBlock = 48;  // weight rows per parallel work item (a multiple of kCols)
-constexpr int kHeadGroup = 4;  // attention heads per work item in absorbed decode
-constexpr int kKeys = 3;       // cached latent rows per micro-kernel call in absorbed decode (a 4x3 tile)
+constexpr int kHeadGroup = kRows;  // attention heads per work item in absorbed decode: one
+constexpr int kKeys = 3;           // walk of the cached latents serves kRows heads, kKeys at a time
 
 using bf16 = uint16_t;  // a bfloat16: the high 16 bits of a float32
 
@@ -168,6 +168,7 @@ inline Vec vload(const bf16 *p) {
 inline void vstore(float *p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec vbroadcast(const float *p) { return _mm512_set1_ps(*p); }
 #else
 using Vec = __m256;
 constexpr int64_t kLanes = 8;
@@ -177,6 +178,7 @@ inline Vec vload(const W *p) { return load8(p); }
 inline void vstore(float *p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return hsum(v); }
+inline Vec vbroadcast(const float *p) { return _mm256_broadcast_ss(p); }
 #endif
 #endif
 
@@ -588,29 +590,38 @@ struct TableRows {
 // y[r][0, n) = sum over k < K of a[r][k] * b(k)[0, n) for R rows of a against the rows of b,
 // 16 columns at a time: the R rows share each vector of b loaded, in 2R accumulators, and
 // no horizontal sums are needed. Attention's score and value products take this form.
+#ifdef __AVX2__
+// rows_times_rows over columns [c, c + V * kLanes): R x V accumulators
+template <int R, int V, typename Rows>
+inline void rows_times_rows_cols(const float *const *a, int64_t K, Rows b, int64_t c, float *const *y) {
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    const float *bk = b(k) + c;
+    Vec bv[V];
+    for (int v = 0; v < V; ++v) {
+      bv[v] = vload(bk + v * kLanes);
+      DSMS_PIN(bv[v]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const Vec ar = vbroadcast(a[r] + k);
+      for (int v = 0; v < V; ++v) acc[r][v] = vfma(ar, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) vstore(y[r] + c + v * kLanes, acc[r][v]);
+}
+#endif
+
 template <int R, typename Rows>
 inline void rows_times_rows(const float *const *a, int64_t K, Rows b, int64_t n, float *const *y) {
   int64_t c = 0;
 #ifdef __AVX2__
-  for (; c + 16 <= n; c += 16) {
-    __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      const float *bk = b(k);
-      __m256 b0 = _mm256_loadu_ps(bk + c), b1 = _mm256_loadu_ps(bk + c + 8);
-      DSMS_PIN(b0);
-      DSMS_PIN(b1);
-      for (int r = 0; r < R; ++r) {
-        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
-        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(y[r] + c, acc[r][0]);
-      _mm256_storeu_ps(y[r] + c + 8, acc[r][1]);
-    }
-  }
+  // vectors of b per pass over the K rows: R x V accumulators, about half the registers
+  constexpr int V = std::max(1, std::min(4, 2 * kRows / R));
+  for (; c + V * kLanes <= n; c += V * kLanes) rows_times_rows_cols<R, V>(a, K, b, c, y);
+  for (; c + kLanes <= n; c += kLanes) rows_times_rows_cols<R, 1>(a, K, b, c, y);
 #endif
   for (; c < n; ++c)
     for (int r = 0; r < R; ++r) {
