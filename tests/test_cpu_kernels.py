@@ -112,7 +112,9 @@ def _aot(lib, name, inputs, outputs):
 def test_products_on_each_instruction_set(tmp_path, isa):
     """Both vector paths of the dot products (AVX-512 when the CPU has it, and AVX2, built
     here with -mno-avx512f), for fp32 and bf16 weights, every row tail, and K with a tail
-    past the vector width: `linear` and the routed experts against numpy."""
+    past the vector width: `linear` and the routed experts against numpy. With AVX-512,
+    48 rows and more go through transposed weight panels of 3, 2 and 1 vectors (N = 120
+    is blocks of 48, 48 and 24 rows), with 0, 5 and 7 rows left after the 8-row tiles."""
     import ctypes
     flags = cpu._cpu_flags().split()
     if isa == "avx2" and b"avx2" not in flags:
@@ -121,25 +123,26 @@ def test_products_on_each_instruction_set(tmp_path, isa):
     widest = 16 if b"avx512f" in flags else 8 if b"avx2" in flags else 1
     assert lib.dsms_vector_width() == (8 if isa == "avx2" else widest)
     rng = np.random.default_rng(3)
-    K, N = 16 * 5 + 9, 100
+    K, N = 16 * 5 + 9, 120
     w_bits = _bf16_bits(rng.standard_normal((N, K)))
     w = bf16_to_float32(w_bits)
-    for rows in range(1, NATIVE_MAX_ROWS + 1):
+    for rows in [*range(1, NATIVE_MAX_ROWS + 1), 48, 53, 63]:
         x = rng.standard_normal((rows, K)).astype(np.float32)
         for weight in (w, w_bits):
             y = np.zeros((rows, N), np.float32)
             _aot(lib, "dsms_linear", [x, weight], [y])
             np.testing.assert_allclose(y, x @ w.T, **TOL)
-    E, I, H, T, k = 4, 40, K, 23, 2
+    E, I, H, k = 4, 40, K, 2
     gate, up, down = (_bf16_bits(rng.standard_normal(s) * 0.3) for s in ((E, I, H), (E, I, H), (E, H, I)))
-    x = rng.standard_normal((T, H)).astype(np.float32)
-    idx = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
-    weights = rng.random((T, k)).astype(np.float32)
-    want = experts_reference(x, idx, weights, {"gate_proj": bf16_to_float32(gate), "up_proj": bf16_to_float32(up),
-                                               "down_proj": bf16_to_float32(down)}, 0, E)
-    y = np.zeros((T, H), np.float32)
-    _aot(lib, "dsms_moe_experts", [x, idx, np.zeros(1, np.int32), weights, gate, up, down], [y])
-    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    for T in (23, 130):  # about 11 and 65 rows per expert
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        idx = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
+        weights = rng.random((T, k)).astype(np.float32)
+        want = experts_reference(x, idx, weights, {"gate_proj": bf16_to_float32(gate), "up_proj": bf16_to_float32(up),
+                                                   "down_proj": bf16_to_float32(down)}, 0, E)
+        y = np.zeros((T, H), np.float32)
+        _aot(lib, "dsms_moe_experts", [x, idx, np.zeros(1, np.int32), weights, gate, up, down], [y])
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
 def test_rms_norm_whole_rows_and_leading_columns(kernels):
