@@ -16,13 +16,14 @@ from deepseek_ms.config import DeepseekConfig  # noqa: E402
 from deepseek_ms.kernels import cpu  # noqa: E402
 from deepseek_ms.model.attention import MLAttention  # noqa: E402
 from deepseek_ms.model.linear import NATIVE_MAX_ROWS, Linear  # noqa: E402
+from deepseek_ms.model.moe import MLP  # noqa: E402
 from deepseek_ms.model.norm import RMSNorm  # noqa: E402
 from deepseek_ms.model.rope import apply_rope  # noqa: E402
 from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import experts_reference, fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
+NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
                 "native_prefill")
 
 
@@ -91,6 +92,34 @@ def test_linear(kernels, rows, out_features, in_features, storage):
     assert cell.weight.dtype == ms.float32
     np.testing.assert_allclose(native.asnumpy(), x @ w.T, **TOL)
     np.testing.assert_allclose(reference.asnumpy(), x @ w.T, **TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 5, NATIVE_MAX_ROWS, 40])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_swiglu_mlp(kernels, rows, storage):
+    """An MLP's gate, up and activation as one `swiglu` call up to NATIVE_MAX_ROWS rows (the
+    down projection stays a Linear), MindSpore's ops past it: both against numpy, with the
+    gate and up weights in fp32 or kept in bf16."""
+    rng = np.random.default_rng(rows)
+    hidden, inter = 40, 100  # 100 = two 48-feature blocks and a tail of 4
+    mlp = MLP(hidden, inter)
+    weights = {}
+    for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+        weights[name] = bf16_to_float32(_bf16_bits(rng.standard_normal(shape) * 0.3))
+        getattr(mlp, name).weight.set_data(ms.Tensor(weights[name]))
+    x = rng.standard_normal((1, rows, hidden)).astype(np.float32)
+    g, u = x @ weights["gate_proj"].T, x @ weights["up_proj"].T
+    want = (g / (1 + np.exp(-g)) * u) @ weights["down_proj"].T
+    use_kernels(mlp, kernels)
+    assert mlp.native_swiglu is not None
+    if storage == "bfloat16":
+        for name in ("gate_proj", "up_proj"):
+            p = getattr(mlp, name).weight
+            p.set_dtype(ms.bfloat16)
+            p.set_data(ms.Tensor.from_numpy(_bf16_bits(weights[name])).view(ms.bfloat16))
+    native, reference = _both(mlp, kernels, ms.Tensor(x))
+    np.testing.assert_allclose(native.asnumpy(), want, **TOL)
+    np.testing.assert_allclose(reference.asnumpy(), want, **TOL)
 
 
 def _aot(lib, name, inputs, outputs):

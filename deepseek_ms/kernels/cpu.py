@@ -100,6 +100,13 @@ class CpuKernels:
         return ops.Custom(f"{self.library}:dsms_linear", out_shape=lambda x, w: x[:-1] + [w[0]],
                           out_dtype=lambda x, w: x, func_type="aot")
 
+    def swiglu(self):
+        """(x [..., K], gate weight [I, K], up weight [I, K], each float32 or bfloat16) ->
+        silu(x Wg^T) * (x Wu^T) [..., I], float32."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_swiglu", out_shape=lambda x, g, u: x[:-1] + [g[0]],
+                          out_dtype=lambda x, g, u: x, func_type="aot")
+
     def widen_bf16(self):
         """(w bfloat16) -> w float32, exactly."""
         import mindspore as ms

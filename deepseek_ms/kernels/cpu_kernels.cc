@@ -402,6 +402,16 @@ struct AnyWeight {
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// h[r][n0, n1) = silu(x[r] . gate[n]) * (x[r] . up[n]) for M activation rows: a block of a
+// SwiGLU's intermediate features (u: scratch rows for the up projection).
+inline void swiglu_block(const AnyWeight &gate, const AnyWeight &up, const float *const *x, int64_t M,
+                         int64_t offset, int64_t K, int64_t n0, int64_t n1, float *const *h, float *const *u) {
+  gate.times(x, M, offset, K, n0, n1, h);
+  up.times(x, M, offset, K, n0, n1, u);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t i = n0; i < n1; ++i) h[r][i] = silu(h[r][i]) * u[r][i];
+}
+
 int64_t numel(int nd, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < nd; ++i) n *= shape[i];
@@ -454,6 +464,35 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
   parallel_for(blocks, [&](int64_t blk) {
     const int64_t n0 = blk * kBlock, n1 = n0 + kBlock < N ? n0 + kBlock : N;
     w.times(xr.data(), M, 0, K, n0, n1, yr.data());
+  });
+  return 0;
+}
+
+// h [M,I] = silu(x Wg^T) * (x Wu^T) for x [M,K] and gate/up weights [I,K] (float32 or
+// bfloat16): a SwiGLU MLP's first half in one call for few rows (decode), where the two
+// projections and the activation would otherwise be four graph ops.
+extern "C" int dsms_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  AnyWeight gate{params[1], false}, up{params[2], false};
+  if (!AnyWeight::parse(dtypes[1], &gate.is_bf16) || !AnyWeight::parse(dtypes[2], &up.is_bf16)) return 2;
+  float *h = static_cast<float *>(params[3]);
+  const int64_t K = shapes[0][ndims[0] - 1];
+  const int64_t M = numel(ndims[0], shapes[0]) / K;
+  const int64_t I = shapes[1][0];
+  thread_local std::vector<float> ubuf;  // the calling thread's, shared with the workers
+  ubuf.resize(M * I);
+  std::vector<const float *> xr(M);
+  std::vector<float *> hr(M), ur(M);
+  for (int64_t m = 0; m < M; ++m) {
+    xr[m] = x + m * K;
+    hr[m] = h + m * I;
+    ur[m] = ubuf.data() + m * I;
+  }
+  parallel_for((I + kBlock - 1) / kBlock, [&](int64_t blk) {
+    const int64_t n0 = blk * kBlock, n1 = std::min(n0 + kBlock, I);
+    swiglu_block(gate, up, xr.data(), M, 0, K, n0, n1, hr.data(), ur.data());
   });
   return 0;
 }
@@ -536,11 +575,9 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   auto items = blocks_of(I);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
     const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < I ? b0 + kBlock : I;
-    const int64_t r0 = start[e], m = start[e + 1] - r0;
-    gate.times(xrows.data() + r0, m, e * I * H, H, b0, b1, hrows.data() + r0);
-    up.times(xrows.data() + r0, m, e * I * H, H, b0, b1, urows.data() + r0);
-    for (int64_t r = r0; r < r0 + m; ++r)
-      for (int64_t i = b0; i < b1; ++i) hrows[r][i] = silu(hrows[r][i]) * urows[r][i];
+    const int64_t r0 = start[e];
+    swiglu_block(gate, up, xrows.data() + r0, start[e + 1] - r0, e * I * H, H, b0, b1, hrows.data() + r0,
+                 urows.data() + r0);
   });
   items = blocks_of(H);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {

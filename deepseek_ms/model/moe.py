@@ -26,7 +26,7 @@ from ..config import DeepseekConfig
 from ..parallel.ep_dispatch import AlltoAllDispatcher
 from ..parallel.layers import TokenExchange
 from ..parallel.layout import NO_EP, ExpertGroups, use_alltoall
-from .linear import NO_TP, Linear, TPGroup, undo_bf16_storage
+from .linear import NATIVE_MAX_ROWS, NO_TP, Linear, TPGroup, undo_bf16_storage
 
 _MASKED = -1e30  # a dropped group's experts can never be selected
 
@@ -39,8 +39,19 @@ class MLP(nn.Cell):
         self.gate_proj = Linear(hidden_size, intermediate_size, "column", tp, param_dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, "column", tp, param_dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, "row", tp, param_dtype)
+        self.native_swiglu = None
+
+    def use_kernels(self, kernels) -> None:
+        """Few-row inputs (decode) run gate, up and the activation as one `kernels.swiglu` call
+        when the projections take the native kernels (the Linears get theirs separately)."""
+        self.native_swiglu = kernels.swiglu() if kernels is not None and self.gate_proj.dense_fp32 else None
 
     def construct(self, x):
+        x2d = x.reshape(-1, x.shape[-1])
+        if (self.native_swiglu is not None and not self.training and x2d.shape[0] <= NATIVE_MAX_ROWS
+                and x2d.dtype == ms.float32):
+            h = self.native_swiglu(x2d, self.gate_proj.weight, self.up_proj.weight)
+            return self.down_proj(h.reshape(x.shape[:-1] + (h.shape[-1],)))
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
