@@ -16,14 +16,14 @@ from deepseek_ms.config import DeepseekConfig  # noqa: E402
 from deepseek_ms.kernels import cpu  # noqa: E402
 from deepseek_ms.model.attention import MLAttention  # noqa: E402
 from deepseek_ms.model.linear import NATIVE_MAX_ROWS, Linear  # noqa: E402
-from deepseek_ms.model.moe import MLP  # noqa: E402
+from deepseek_ms.model.moe import MLP, MoE  # noqa: E402
 from deepseek_ms.model.norm import RMSNorm  # noqa: E402
 from deepseek_ms.model.rope import apply_rope  # noqa: E402
 from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import experts_reference, fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
+NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_with_shared", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
                 "native_prefill")
 
 
@@ -120,6 +120,24 @@ def test_swiglu_mlp(kernels, rows, storage):
     native, reference = _both(mlp, kernels, ms.Tensor(x))
     np.testing.assert_allclose(native.asnumpy(), want, **TOL)
     np.testing.assert_allclose(reference.asnumpy(), want, **TOL)
+
+
+@pytest.mark.parametrize("rows", [3, NATIVE_MAX_ROWS, 40])
+def test_moe_layer_with_its_shared_experts_in_one_call(kernels, rows):
+    """On a single rank, up to NATIVE_MAX_ROWS tokens run the routed and the shared experts
+    as one moe_experts call (two shared experts here, so their intermediate width differs
+    from the routed ones'); more tokens, and MindSpore's ops, run them apart. All agree."""
+    config = DeepseekConfig.from_pretrained(str(fixture_dir("deepseek_v3_tiny")))
+    moe = MoE(dataclasses.replace(config, n_shared_experts=2))
+    rng = np.random.default_rng(rows)
+    for _, p in moe.parameters_and_names():
+        p.set_data(ms.Tensor(bf16_to_float32(_bf16_bits(rng.standard_normal(p.shape) * 0.3))))
+    use_kernels(moe, kernels)
+    assert moe.native_with_shared is not None
+    x = rng.standard_normal((1, rows, config.hidden_size)).astype(np.float32)
+    native, reference = _both(moe, kernels, ms.Tensor(x))
+    np.testing.assert_array_equal(native[1].asnumpy(), reference[1].asnumpy())  # same routing
+    np.testing.assert_allclose(native[0].asnumpy(), reference[0].asnumpy(), **TOL)
 
 
 def _aot(lib, name, inputs, outputs):

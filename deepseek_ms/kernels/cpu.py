@@ -145,13 +145,15 @@ class CpuKernels:
                           out_shape=lambda q, kv, pe, m, s: [q[0], q[1], kv[2] - q[2] * (q[3] - pe[2])],
                           out_dtype=lambda q, kv, pe, m, s: q, func_type="aot")
 
-    def moe_experts(self):
+    def moe_experts(self, with_shared: bool = False):
         """(x [N,H], global expert ids [N,k] int32, first local expert [1] int32, weights
         [N,k], gate/up [E,I,H], down [E,H,I], each float32 or bfloat16) -> y [N,H], float32:
-        the sum over each token's chosen experts that this rank holds."""
+        the sum over each token's chosen experts that this rank holds. `with_shared` takes
+        three more weights, the shared experts' gate/up [Is,H] and down [H,Is], and adds
+        their output for every token."""
         from mindspore import ops
-        return ops.Custom(f"{self.library}:dsms_moe_experts", out_shape=lambda x, i, f, w, g, u, d: x,
-                          out_dtype=lambda x, i, f, w, g, u, d: x, func_type="aot")
+        return ops.Custom(f"{self.library}:dsms_moe_experts", out_shape=lambda x, *rest: x,
+                          out_dtype=lambda x, *rest: x, func_type="aot")
 
     def router(self, top_k: int):
         """(x [N,H], weight [E,H], correction bias [E], config [8]) -> (expert ids [N,top_k]

@@ -520,70 +520,85 @@ extern "C" int dsms_widen_bf16(int nparam, void **params, int *ndims, int64_t **
 // Routed SwiGLU experts, exact: y [N,H] = sum_j weight[t,j] * expert_{idx[t,j]}(x[t]).
 // Inputs: x [N,H], idx [N,k] int32 global expert ids, first [1] int32 (this rank holds
 // experts [first, first + E)), weight [N,k], gate/up [E,I,H], down [E,H,I] (each float32 or
-// bfloat16). Output y [N,H].
+// bfloat16), then optionally the shared experts' gate/up [Is,H] and down [H,Is], which every
+// token takes with weight 1, added last (a single rank's decode: three graph ops fewer per
+// layer). Output y [N,H].
 extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
-  if (nparam != 8) return 1;
+  if (nparam != 8 && nparam != 11) return 1;
+  const bool shared = nparam == 11;
   const float *x = static_cast<const float *>(params[0]);
   const int32_t *global_idx = static_cast<const int32_t *>(params[1]);
   const int32_t first = *static_cast<const int32_t *>(params[2]);
   const float *weight = static_cast<const float *>(params[3]);
-  AnyWeight gate{params[4], false}, up{params[5], false}, down{params[6], false};
-  if (!AnyWeight::parse(dtypes[4], &gate.is_bf16) || !AnyWeight::parse(dtypes[5], &up.is_bf16) ||
-      !AnyWeight::parse(dtypes[6], &down.is_bf16))
-    return 2;
-  float *y = static_cast<float *>(params[7]);
+  AnyWeight w[6] = {{params[4], false}, {params[5], false}, {params[6], false}};
+  for (int i = 0; i < (shared ? 6 : 3); ++i) {
+    if (i >= 3) w[i].data = params[4 + i];
+    if (!AnyWeight::parse(dtypes[4 + i], &w[i].is_bf16)) return 2;
+  }
+  float *y = static_cast<float *>(params[nparam - 1]);
   const int64_t N = shapes[0][0], H = shapes[0][1], k = shapes[1][1];
-  const int64_t E = shapes[4][0], I = shapes[4][1];
+  const int64_t E = shapes[4][0], I = shapes[4][1], Is = shared ? shapes[7][0] : 0;
   std::vector<int32_t> idx(N * k);  // local expert ids; out of [0, E): another rank's
   for (int64_t p = 0; p < N * k; ++p) idx[p] = global_idx[p] - first;
 
-  // counting sort of the (token, choice) pairs by expert
+  // counting sort of the (token, choice) pairs by expert; the shared expert's rows follow
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t p = 0; p < N * k; ++p)
     if (idx[p] >= 0 && idx[p] < E) ++start[idx[p] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  const int64_t P = start[E];
+  const int64_t P = start[E], rows = P + (shared ? N : 0);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   std::vector<int64_t> slot(N * k, -1);   // pair -> row in the sorted order
-  std::vector<const float *> xrows(P);
+  std::vector<const float *> xrows(rows);
   for (int64_t p = 0; p < N * k; ++p) {
     const int32_t e = idx[p];
     if (e < 0 || e >= E) continue;
     slot[p] = fill[e]++;
     xrows[slot[p]] = x + (p / k) * H;
   }
-  // per calling thread, reused across calls: gate/up activations [P,I], outputs [P,H]
+  for (int64_t t = 0; t < rows - P; ++t) xrows[P + t] = x + t * H;
+  // per calling thread, reused across calls: gate/up activations, outputs [rows,H]
+  const int64_t width = std::max(I, Is);
   thread_local std::vector<float> hbuf, ubuf, ybuf;
-  hbuf.resize(P * I);
-  ubuf.resize(P * I);
-  ybuf.resize(P * H);
-  std::vector<float *> hrows(P), urows(P), yrows(P);
-  for (int64_t r = 0; r < P; ++r) {
-    hrows[r] = hbuf.data() + r * I;
-    urows[r] = ubuf.data() + r * I;
+  hbuf.resize(rows * width);
+  ubuf.resize(rows * width);
+  ybuf.resize(rows * H);
+  std::vector<float *> hrows(rows), urows(rows), yrows(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    hrows[r] = hbuf.data() + r * width;
+    urows[r] = ubuf.data() + r * width;
     yrows[r] = ybuf.data() + r * H;
   }
-  // work items: (expert, first of kBlock output rows), only for experts with tokens
-  auto blocks_of = [&](int64_t rows) {
+  // one SwiGLU per expert with rows: E routed ones (weights at an offset in the stacked
+  // tensors), then the shared one
+  struct Expert {
+    const AnyWeight *gate, *up, *down;
+    int64_t gu_offset, down_offset, inter, r0, m;
+  };
+  std::vector<Expert> experts;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) experts.push_back({&w[0], &w[1], &w[2], e * I * H, e * H * I, I, start[e], start[e + 1] - start[e]});
+  if (shared) experts.push_back({&w[3], &w[4], &w[5], 0, 0, Is, P, N});
+  // work items: (expert, first of kBlock output rows)
+  auto blocks_of = [&](bool down) {
     std::vector<std::pair<int64_t, int64_t>> items;
-    for (int64_t e = 0; e < E; ++e)
-      if (start[e + 1] > start[e])
-        for (int64_t b = 0; b < rows; b += kBlock) items.emplace_back(e, b);
+    for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i)
+      for (int64_t b = 0; b < (down ? H : experts[i].inter); b += kBlock) items.emplace_back(i, b);
     return items;
   };
-  auto items = blocks_of(I);
+  auto items = blocks_of(false);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
-    const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < I ? b0 + kBlock : I;
-    const int64_t r0 = start[e];
-    swiglu_block(gate, up, xrows.data() + r0, start[e + 1] - r0, e * I * H, H, b0, b1, hrows.data() + r0,
-                 urows.data() + r0);
+    const Expert &ex = experts[items[it].first];
+    const int64_t b0 = items[it].second, b1 = std::min(b0 + kBlock, ex.inter);
+    swiglu_block(*ex.gate, *ex.up, xrows.data() + ex.r0, ex.m, ex.gu_offset, H, b0, b1, hrows.data() + ex.r0,
+                 urows.data() + ex.r0);
   });
-  items = blocks_of(H);
+  items = blocks_of(true);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
-    const int64_t e = items[it].first, b0 = items[it].second, b1 = b0 + kBlock < H ? b0 + kBlock : H;
-    const int64_t r0 = start[e], m = start[e + 1] - r0;
-    down.times(hrows.data() + r0, m, e * H * I, I, b0, b1, yrows.data() + r0);
+    const Expert &ex = experts[items[it].first];
+    const int64_t b0 = items[it].second, b1 = std::min(b0 + kBlock, H);
+    ex.down->times(hrows.data() + ex.r0, ex.m, ex.down_offset, ex.inter, b0, b1, yrows.data() + ex.r0);
   });
   for (int64_t t = 0; t < N; ++t) {
     float *out = y + t * H;
@@ -595,6 +610,8 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
       const float *src = yrows[r];
       for (int64_t h = 0; h < H; ++h) out[h] += wt * src[h];
     }
+    if (shared)
+      for (int64_t h = 0; h < H; ++h) out[h] += yrows[P + t][h];
   }
   return 0;
 }

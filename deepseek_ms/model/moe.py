@@ -288,11 +288,30 @@ class MoE(nn.Cell):
         self.has_shared = bool(c.n_shared_experts)
         if self.has_shared:
             self.shared_experts = MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, tp, param_dtype)
+        # on a single rank the routed and shared experts' sum needs no communication
+        self.single_rank = all(g.size == 1 for g in (tp, ep.ep, ep.moe_tp, ep.dp, ep.reduce))
+        self.native_with_shared = None
+
+    def use_kernels(self, kernels) -> None:
+        """On a single rank, few-token inputs (decode) run the routed and the shared experts
+        in one `kernels.moe_experts` call when both take the native kernels (their own
+        kernels are attached to them separately)."""
+        native = (kernels is not None and self.has_shared and self.single_rank
+                  and self.shared_experts.gate_proj.dense_fp32 and self.experts.param_dtype == ms.float32)
+        self.native_with_shared = kernels.moe_experts(with_shared=True) if native else None
 
     def construct(self, x):
         """x [B,S,H] -> (y [B,S,H], routing indices [B*S,k], routing weights [B*S,k])."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if (self.native_with_shared is not None and not self.training and flat.shape[0] <= NATIVE_MAX_ROWS
+                and flat.dtype == ms.float32):
+            idx, weights = self.gate(flat)
+            e, s = self.experts, self.shared_experts
+            y = self.native_with_shared(flat, idx, e.first_expert_tensor, weights.astype(ms.float32), e.gate_proj,
+                                        e.up_proj, e.down_proj, s.gate_proj.weight, s.up_proj.weight,
+                                        s.down_proj.weight)
+            return y.reshape(shape), idx, weights
         if self.alltoall:
             idx, weights = self.gate(flat)
             rows, row_ids, row_weights, slot = self.exchange.send(flat, idx)

@@ -31,10 +31,10 @@ from .rope import RotaryEmbedding
 
 def use_kernels(root: nn.Cell, kernels) -> None:
     """Attach native kernels (deepseek_ms.backend.native_kernels; None detaches them) to the
-    projections, SwiGLU MLPs, routers, routed experts, norms and attention under `root`.
+    projections, SwiGLU MLPs, MoE layers, routers, routed experts, norms and attention under `root`.
     Call before compiling."""
     for _, cell in root.cells_and_names():
-        if isinstance(cell, (Linear, MLP, Router, RoutedExperts, RMSNorm, MLAttention)):
+        if isinstance(cell, (Linear, MLP, MoE, Router, RoutedExperts, RMSNorm, MLAttention)):
             cell.use_kernels(kernels)
 
 
