@@ -23,7 +23,7 @@ from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import experts_reference, fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_with_shared", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
+NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_with_shared", "native_project", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
                 "native_prefill")
 
 
@@ -245,8 +245,11 @@ def test_absorbed_decode_attention(kernels, S, paged, shape):
     """The fused absorbed-MLA kernel against the BatchMatMul form, with padded past slots
     (a visible slot after a masked one too) and a causal mask among the new tokens; over a
     contiguous cache and over a paged pool read through a shuffled block table. The second
-    shape has a head group and latent columns that do not fill the kernel's tiles."""
+    shape has a head group and latent columns that do not fill the kernel's tiles. The
+    projections, latent norms and rope before it run as one mla_project call."""
     config, cell, rng = _attention(S, **shape)
+    use_kernels(cell, kernels)
+    assert cell.native_project is not None
     B, block, MB, L = 3, 4, 3, config.latent_dim
     T = block * MB
     x = rng.standard_normal((B, S, config.hidden_size)).astype(np.float32)

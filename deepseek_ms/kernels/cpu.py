@@ -127,6 +127,18 @@ class CpuKernels:
         return ops.Custom(f"{self.library}:dsms_rope", out_shape=lambda x, c, s: x,
                           out_dtype=lambda x, c, s: x, func_type="aot")
 
+    def mla_project(self, heads: int):
+        """MLA's input side for few tokens: (x [B,S,H], q_a weight [R,H], q_a norm weight [R],
+        q_b weight [heads*dq, R], kv_a weight [L,H], kv_a norm weight [r], cos [B,S,dr/2],
+        sin [B,S,dr/2], eps [1]) -> (q [B,S,heads,dq] with rope on each head's last dr
+        columns, latent [B,S,L] = [rms_norm(c_kv) ; rope(k_pe)]); projections float32 or
+        bfloat16."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_mla_project",
+                          out_shape=lambda x, qa, qn, qb, kva, kvn, c, s, e: (
+                              [x[0], x[1], heads, qb[0] // heads], [x[0], x[1], kva[0]]),
+                          out_dtype=lambda x, *rest: (x, x), func_type="aot")
+
     def mla_decode(self):
         """Absorbed MLA for a few new tokens: (q [B,S,nh,dn+dr], new latents [B,S,L], paged
         pool [num_blocks,bs,L], block tables [B,MB] int32, past_mask [B,S,MB*bs], self_mask

@@ -616,18 +616,11 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   return 0;
 }
 
-// RMSNorm over the first D columns of each row of x [..., W] (D = len(weight)), in fp32:
-// y = x / sqrt(mean(x^2) + eps) * weight; columns past D are copied unchanged (MLA's
-// kv_a output carries the rope key there). Inputs: x, weight [D], eps [1]. Output y.
-extern "C" int dsms_rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                             void *stream, void *extra) {
-  if (nparam != 4) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float eps = *static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  const int64_t W = shapes[0][ndims[0] - 1], D = shapes[1][0];
-  const int64_t rows = numel(ndims[0], shapes[0]) / W;
+namespace {
+
+// y = x / sqrt(mean(x^2) + eps) * weight over the first D columns of each of `rows` rows of
+// width W, in fp32; the other columns are copied. x and y may be the same.
+void rms_norm_rows(const float *x, float *y, int64_t rows, int64_t W, const float *w, int64_t D, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * W;
     float *yr = y + r * W;
@@ -635,8 +628,43 @@ extern "C" int dsms_rms_norm(int nparam, void **params, int *ndims, int64_t **sh
     for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
     const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
     for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * scale * w[d];
-    for (int64_t d = D; d < W; ++d) yr[d] = xr[d];
+    if (yr != xr)
+      for (int64_t d = D; d < W; ++d) yr[d] = xr[d];
   }
+}
+
+// DeepSeek's rotary embedding on interleaved pairs of the last 2h columns of each of `rows`
+// rows of width W; `per_token` consecutive rows (heads) share a token's cos/sin [h]; the
+// other columns are copied. x and y may be the same.
+void rope_rows(const float *x, float *y, int64_t rows, int64_t W, const float *cs, const float *sn, int64_t h,
+               int64_t per_token) {
+  const int64_t start = W - 2 * h;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * W;
+    float *yr = y + r * W;
+    const float *c = cs + (r / per_token) * h;
+    const float *s = sn + (r / per_token) * h;
+    if (yr != xr) std::memcpy(yr, xr, sizeof(float) * start);
+    for (int64_t i = 0; i < h; ++i) {
+      const float x0 = xr[start + 2 * i], x1 = xr[start + 2 * i + 1];
+      yr[start + 2 * i] = x0 * c[i] - x1 * s[i];
+      yr[start + 2 * i + 1] = x0 * s[i] + x1 * c[i];
+    }
+  }
+}
+
+}  // namespace
+
+// RMSNorm over the first D columns of each row of x [..., W] (D = len(weight)), in fp32:
+// y = x / sqrt(mean(x^2) + eps) * weight; columns past D are copied unchanged (MLA's
+// kv_a output carries the rope key there). Inputs: x, weight [D], eps [1]. Output y.
+extern "C" int dsms_rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const int64_t W = shapes[0][ndims[0] - 1];
+  rms_norm_rows(static_cast<const float *>(params[0]), static_cast<float *>(params[3]),
+                numel(ndims[0], shapes[0]) / W, W, static_cast<const float *>(params[1]), shapes[1][0],
+                *static_cast<const float *>(params[2]));
   return 0;
 }
 
@@ -645,27 +673,59 @@ extern "C" int dsms_rms_norm(int nparam, void **params, int *ndims, int64_t **sh
 extern "C" int dsms_rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
   if (nparam != 4) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *cs = static_cast<const float *>(params[1]);
-  const float *sn = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
   const int64_t W = shapes[0][ndims[0] - 1], h = shapes[1][ndims[1] - 1];
   const int64_t rows = numel(ndims[0], shapes[0]) / W;
-  const int64_t tokens = numel(ndims[1], shapes[1]) / h;
-  const int64_t per_token = rows / tokens;  // heads
-  const int64_t start = W - 2 * h;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * W;
-    float *yr = y + r * W;
-    const float *c = cs + (r / per_token) * h;
-    const float *s = sn + (r / per_token) * h;
-    std::memcpy(yr, xr, sizeof(float) * start);
-    for (int64_t i = 0; i < h; ++i) {
-      const float x0 = xr[start + 2 * i], x1 = xr[start + 2 * i + 1];
-      yr[start + 2 * i] = x0 * c[i] - x1 * s[i];
-      yr[start + 2 * i + 1] = x0 * s[i] + x1 * c[i];
-    }
+  rope_rows(static_cast<const float *>(params[0]), static_cast<float *>(params[3]), rows, W,
+            static_cast<const float *>(params[1]), static_cast<const float *>(params[2]), h,
+            rows / (numel(ndims[1], shapes[1]) / h));
+  return 0;
+}
+
+// MLA's input side for few tokens (decode), as one call instead of seven graph ops:
+//   q      = rope(q_b(rms_norm(q_a(x))))       per head, on its last dr columns
+//   latent = rope(kv_norm'd(kv_a(x)))          [c_kv ; k_pe]: norm on c_kv, rope on k_pe
+// Inputs: x [B,S,H], q_a [R,H], q_a norm [R], q_b [N,R], kv_a [L,H], kv norm [r] (the
+// projections float32 or bfloat16, the norms float32), cos/sin [B,S,dr/2], eps [1] (both
+// norms'). Outputs: q [B,S,heads,dn+dr] (N = heads x (dn + dr)), latent [B,S,L].
+extern "C" int dsms_mla_project(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 11) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  AnyWeight q_a{params[1], false}, q_b{params[3], false}, kv_a{params[4], false};
+  if (!AnyWeight::parse(dtypes[1], &q_a.is_bf16) || !AnyWeight::parse(dtypes[3], &q_b.is_bf16) ||
+      !AnyWeight::parse(dtypes[4], &kv_a.is_bf16))
+    return 2;
+  const float *q_norm = static_cast<const float *>(params[2]), *kv_norm = static_cast<const float *>(params[5]);
+  const float *cs = static_cast<const float *>(params[6]), *sn = static_cast<const float *>(params[7]);
+  const float eps = *static_cast<const float *>(params[8]);
+  float *q = static_cast<float *>(params[9]), *latent = static_cast<float *>(params[10]);
+  const int64_t H = shapes[0][ndims[0] - 1], M = numel(ndims[0], shapes[0]) / H;
+  const int64_t R = shapes[1][0], N = shapes[3][0], L = shapes[4][0], r = shapes[5][0];
+  const int64_t h = shapes[6][ndims[6] - 1], dq = shapes[9][ndims[9] - 1];  // q is [B,S,heads,dq]
+  thread_local std::vector<float> qa_buf;  // the calling thread's, shared with the workers
+  qa_buf.resize(M * R);
+  std::vector<const float *> xr(M), qar(M);
+  std::vector<float *> qaw(M), lw(M), qw(M);
+  for (int64_t m = 0; m < M; ++m) {
+    xr[m] = x + m * H;
+    qaw[m] = qa_buf.data() + m * R;
+    qar[m] = qaw[m];
+    lw[m] = latent + m * L;
+    qw[m] = q + m * N;
   }
+  // q_a and kv_a share x: their blocks are one set of work items
+  const int64_t qa_blocks = (R + kBlock - 1) / kBlock, kv_blocks = (L + kBlock - 1) / kBlock;
+  parallel_for(qa_blocks + kv_blocks, [&](int64_t blk) {
+    if (blk < qa_blocks) q_a.times(xr.data(), M, 0, H, blk * kBlock, std::min((blk + 1) * kBlock, R), qaw.data());
+    else kv_a.times(xr.data(), M, 0, H, (blk - qa_blocks) * kBlock, std::min((blk - qa_blocks + 1) * kBlock, L), lw.data());
+  });
+  rms_norm_rows(qa_buf.data(), qa_buf.data(), M, R, q_norm, R, eps);
+  rms_norm_rows(latent, latent, M, L, kv_norm, r, eps);
+  rope_rows(latent, latent, M, L, cs, sn, h, 1);
+  parallel_for((N + kBlock - 1) / kBlock, [&](int64_t blk) {
+    q_b.times(qar.data(), M, 0, R, blk * kBlock, std::min((blk + 1) * kBlock, N), qw.data());
+  });
+  rope_rows(q, q, M * (N / dq), dq, cs, sn, h, N / dq);
   return 0;
 }
 

@@ -21,7 +21,7 @@ from mindspore import nn, ops
 import mindspore as ms
 
 from ..config import DeepseekConfig
-from .linear import NO_TP, Linear, TPGroup
+from .linear import NATIVE_MAX_ROWS, NO_TP, Linear, TPGroup
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -69,12 +69,18 @@ class MLAttention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.native_rope = None
+        self.native_project = None
         self.native_decode = None
         self.native_prefill = None
         self.scale_tensor = ms.Tensor([self.softmax_scale], ms.float32)
 
     def use_kernels(self, kernels) -> None:
         self.native_rope = kernels.rope() if kernels is not None else None
+        projections_native = self.q_lora_rank is not None and all(
+            p.dense_fp32 for p in (self.q_a_proj, self.q_b_proj, self.kv_a_proj_with_mqa)) and all(
+            n.weight.dtype == ms.float32 for n in (self.q_a_layernorm, self.kv_a_layernorm))
+        self.native_project = (kernels.mla_project(self.n_local_heads)
+                               if kernels is not None and projections_native else None)
         self.native_decode = kernels.mla_decode() if kernels is not None and self.kv_b_proj.dense_fp32 else None
         self.native_prefill = kernels.mla_prefill() if kernels is not None else None
 
@@ -82,6 +88,12 @@ class MLAttention(nn.Cell):
         """(q [B,S,nh,dn+dr] with its rope part rotated, the new tokens' latent [c_kv ; k_pe])."""
         B, S, _ = x.shape
         nh, dn, dr = self.n_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        if (self.native_project is not None and not self.training and B * S <= NATIVE_MAX_ROWS
+                and x.dtype == ms.float32):
+            # decode: the seven ops below as one call
+            return self.native_project(x, self.q_a_proj.weight, self.q_a_layernorm.weight, self.q_b_proj.weight,
+                                       self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, cos, sin,
+                                       self.q_a_layernorm.eps_tensor)
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
