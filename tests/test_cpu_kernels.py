@@ -23,7 +23,7 @@ from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import experts_reference, fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_with_shared", "native_project", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
+NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_silu_mul", "native_with_shared", "native_project", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
                 "native_prefill")
 
 
@@ -98,8 +98,9 @@ def test_linear(kernels, rows, out_features, in_features, storage):
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_swiglu_mlp(kernels, rows, storage):
     """An MLP's gate, up and activation as one `swiglu` call up to NATIVE_MAX_ROWS rows (the
-    down projection stays a Linear), MindSpore's ops past it: both against numpy, with the
-    gate and up weights in fp32 or kept in bf16."""
+    down projection stays a Linear); past it, MindSpore's MatMuls and one `silu_mul`. Native
+    and MindSpore-ops paths against numpy, with the gate and up weights in fp32 or kept in
+    bf16."""
     rng = np.random.default_rng(rows)
     hidden, inter = 40, 100  # 100 = two 48-feature blocks and a tail of 4
     mlp = MLP(hidden, inter)
@@ -111,7 +112,7 @@ def test_swiglu_mlp(kernels, rows, storage):
     g, u = x @ weights["gate_proj"].T, x @ weights["up_proj"].T
     want = (g / (1 + np.exp(-g)) * u) @ weights["down_proj"].T
     use_kernels(mlp, kernels)
-    assert mlp.native_swiglu is not None
+    assert mlp.native_swiglu is not None and mlp.native_silu_mul is not None
     if storage == "bfloat16":
         for name in ("gate_proj", "up_proj"):
             p = getattr(mlp, name).weight

@@ -107,6 +107,12 @@ class CpuKernels:
         return ops.Custom(f"{self.library}:dsms_swiglu", out_shape=lambda x, g, u: x[:-1] + [g[0]],
                           out_dtype=lambda x, g, u: x, func_type="aot")
 
+    def silu_mul(self):
+        """(g, u) float32 of one shape -> silu(g) * u."""
+        from mindspore import ops
+        return ops.Custom(f"{self.library}:dsms_silu_mul", out_shape=lambda g, u: g, out_dtype=lambda g, u: g,
+                          func_type="aot")
+
     def widen_bf16(self):
         """(w bfloat16) -> w float32, exactly."""
         import mindspore as ms

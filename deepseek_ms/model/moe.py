@@ -40,18 +40,23 @@ class MLP(nn.Cell):
         self.up_proj = Linear(hidden_size, intermediate_size, "column", tp, param_dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, "row", tp, param_dtype)
         self.native_swiglu = None
+        self.native_silu_mul = None
 
     def use_kernels(self, kernels) -> None:
         """Few-row inputs (decode) run gate, up and the activation as one `kernels.swiglu` call
-        when the projections take the native kernels (the Linears get theirs separately)."""
+        when the projections take the native kernels (the Linears get theirs separately);
+        more rows keep the projections apart and take the activation as one `silu_mul`."""
         self.native_swiglu = kernels.swiglu() if kernels is not None and self.gate_proj.dense_fp32 else None
+        self.native_silu_mul = kernels.silu_mul() if kernels is not None else None
 
     def construct(self, x):
         x2d = x.reshape(-1, x.shape[-1])
-        if (self.native_swiglu is not None and not self.training and x2d.shape[0] <= NATIVE_MAX_ROWS
-                and x2d.dtype == ms.float32):
+        native = not self.training and x2d.dtype == ms.float32
+        if native and self.native_swiglu is not None and x2d.shape[0] <= NATIVE_MAX_ROWS:
             h = self.native_swiglu(x2d, self.gate_proj.weight, self.up_proj.weight)
             return self.down_proj(h.reshape(x.shape[:-1] + (h.shape[-1],)))
+        if native and self.native_silu_mul is not None:
+            return self.down_proj(self.native_silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
