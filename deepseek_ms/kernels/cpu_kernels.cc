@@ -116,6 +116,11 @@ class Pool {
 
 inline void parallel_for(int64_t n, const std::function<void(int64_t)> &f) { Pool::get().run(n, f); }
 
+// f(i0, i1) over [0, n) in pieces of `step`, spread over the pool.
+inline void parallel_ranges(int64_t n, int64_t step, const std::function<void(int64_t, int64_t)> &f) {
+  parallel_for((n + step - 1) / step, [&](int64_t i) { f(i * step, std::min(i * step + step, n)); });
+}
+
 // activation rows x weight rows per micro-kernel call: with AVX-512, 8x3 accumulators + 3
 // weight vectors + 1 activation vector = 28 of the 32 zmm registers; with AVX2, 4x3 + 3 + 1 =
 // the 16 ymm. More rows per weight vector loaded halves the weight traffic from L2.
@@ -126,6 +131,7 @@ constexpr int kRows = 4;
 #endif
 constexpr int kCols = 3;
 constexpr int kBlock = 48;  // weight rows per parallel work item (a multiple of kCols)
+constexpr int64_t kChunk = 1 << 16;  // elements per work item of elementwise kernels
 constexpr int kHeadGroup = kRows;  // attention heads per work item in absorbed decode: one
 constexpr int kKeys = 3;           // walk of the cached latents serves kRows heads, kKeys at a time
 
@@ -491,11 +497,7 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
     xr[m] = x + m * K;
     yr[m] = y + m * N;
   }
-  const int64_t blocks = (N + kBlock - 1) / kBlock;
-  parallel_for(blocks, [&](int64_t blk) {
-    const int64_t n0 = blk * kBlock, n1 = n0 + kBlock < N ? n0 + kBlock : N;
-    w.times(xr.data(), M, 0, K, n0, n1, yr.data());
-  });
+  parallel_ranges(N, kBlock, [&](int64_t n0, int64_t n1) { w.times(xr.data(), M, 0, K, n0, n1, yr.data()); });
   return 0;
 }
 
@@ -521,8 +523,7 @@ extern "C" int dsms_swiglu(int nparam, void **params, int *ndims, int64_t **shap
     hr[m] = h + m * I;
     ur[m] = ubuf.data() + m * I;
   }
-  parallel_for((I + kBlock - 1) / kBlock, [&](int64_t blk) {
-    const int64_t n0 = blk * kBlock, n1 = std::min(n0 + kBlock, I);
+  parallel_ranges(I, kBlock, [&](int64_t n0, int64_t n1) {
     swiglu_block(gate, up, xr.data(), M, 0, K, n0, n1, hr.data(), ur.data());
   });
   return 0;
@@ -536,11 +537,9 @@ extern "C" int dsms_silu_mul(int nparam, void **params, int *ndims, int64_t **sh
   const float *g = static_cast<const float *>(params[0]), *u = static_cast<const float *>(params[1]);
   float *h = static_cast<float *>(params[2]);
   const int64_t n = numel(ndims[0], shapes[0]);
-  constexpr int64_t kChunk = 1 << 16;
-  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
-    const int64_t i0 = c * kChunk, len = std::min(kChunk, n - i0);
-    std::memcpy(h + i0, g + i0, sizeof(float) * len);
-    silu_times(h + i0, u + i0, len);
+  parallel_ranges(n, kChunk, [&](int64_t i0, int64_t i1) {
+    std::memcpy(h + i0, g + i0, sizeof(float) * (i1 - i0));
+    silu_times(h + i0, u + i0, i1 - i0);
   });
   return 0;
 }
@@ -553,9 +552,7 @@ extern "C" int dsms_widen_bf16(int nparam, void **params, int *ndims, int64_t **
   const bf16 *x = static_cast<const bf16 *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = numel(ndims[0], shapes[0]);
-  constexpr int64_t kChunk = 1 << 16;
-  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
-    const int64_t i0 = c * kChunk, i1 = i0 + kChunk < n ? i0 + kChunk : n;
+  parallel_ranges(n, kChunk, [&](int64_t i0, int64_t i1) {
     int64_t i = i0;
 #ifdef __AVX2__
     for (; i + kLanes <= i1; i += kLanes) vstore(y + i, vload(x + i));
@@ -579,9 +576,9 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   const int32_t *global_idx = static_cast<const int32_t *>(params[1]);
   const int32_t first = *static_cast<const int32_t *>(params[2]);
   const float *weight = static_cast<const float *>(params[3]);
-  AnyWeight w[6] = {{params[4], false}, {params[5], false}, {params[6], false}};
+  AnyWeight w[6] = {};  // routed gate, up, down, then the shared ones'
   for (int i = 0; i < (shared ? 6 : 3); ++i) {
-    if (i >= 3) w[i].data = params[4 + i];
+    w[i].data = params[4 + i];
     if (!AnyWeight::parse(dtypes[4 + i], &w[i].is_bf16)) return 2;
   }
   float *y = static_cast<float *>(params[nparam - 1]);
@@ -752,12 +749,11 @@ extern "C" int dsms_mla_project(int nparam, void **params, int *ndims, int64_t *
   const int64_t h = shapes[6][ndims[6] - 1], dq = shapes[9][ndims[9] - 1];  // q is [B,S,heads,dq]
   thread_local std::vector<float> qa_buf;  // the calling thread's, shared with the workers
   qa_buf.resize(M * R);
-  std::vector<const float *> xr(M), qar(M);
+  std::vector<const float *> xr(M);
   std::vector<float *> qaw(M), lw(M), qw(M);
   for (int64_t m = 0; m < M; ++m) {
     xr[m] = x + m * H;
     qaw[m] = qa_buf.data() + m * R;
-    qar[m] = qaw[m];
     lw[m] = latent + m * L;
     qw[m] = q + m * N;
   }
@@ -770,9 +766,7 @@ extern "C" int dsms_mla_project(int nparam, void **params, int *ndims, int64_t *
   rms_norm_rows(qa_buf.data(), qa_buf.data(), M, R, q_norm, R, eps);
   rms_norm_rows(latent, latent, M, L, kv_norm, r, eps);
   rope_rows(latent, latent, M, L, cs, sn, h, 1);
-  parallel_for((N + kBlock - 1) / kBlock, [&](int64_t blk) {
-    q_b.times(qar.data(), M, 0, R, blk * kBlock, std::min((blk + 1) * kBlock, N), qw.data());
-  });
+  parallel_ranges(N, kBlock, [&](int64_t n0, int64_t n1) { q_b.times(qaw.data(), M, 0, R, n0, n1, qw.data()); });
   rope_rows(q, q, M * (N / dq), dq, cs, sn, h, N / dq);
   return 0;
 }
@@ -853,9 +847,6 @@ struct TableRows {
   const float *operator()(int64_t k) const { return rows[k]; }
 };
 
-// y[r][0, n) = sum over k < K of a[r][k] * b(k)[0, n) for R rows of a against the rows of b,
-// 16 columns at a time: the R rows share each vector of b loaded, in 2R accumulators, and
-// no horizontal sums are needed. Attention's score and value products take this form.
 #ifdef __AVX2__
 // rows_times_rows over columns [c, c + V * kLanes): R x V accumulators
 template <int R, int V, typename Rows>
@@ -880,6 +871,9 @@ inline void rows_times_rows_cols(const float *const *a, int64_t K, Rows b, int64
 }
 #endif
 
+// y[r][0, n) = sum over k < K of a[r][k] * b(k)[0, n) for R rows of a against the rows of b,
+// up to 4 vectors of columns at a time: the R rows share each vector of b loaded, and no
+// horizontal sums are needed. Attention's score and value products take this form.
 template <int R, typename Rows>
 inline void rows_times_rows(const float *const *a, int64_t K, Rows b, int64_t n, float *const *y) {
   int64_t c = 0;
