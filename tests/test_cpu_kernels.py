@@ -23,8 +23,8 @@ from deepseek_ms.model.transformer import use_kernels  # noqa: E402
 from helpers import experts_reference, fixture_dir, load_fixture_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_silu_mul", "native_with_shared", "native_project", "native_norm", "native_rope", "native_decode", "native_experts", "native_router",
-                "native_prefill")
+NATIVE_ATTRS = ("native_linear", "native_swiglu", "native_silu_mul", "native_with_shared", "native_project",
+                "native_norm", "native_rope", "native_decode", "native_experts", "native_router", "native_prefill")
 
 
 @pytest.fixture(scope="module")

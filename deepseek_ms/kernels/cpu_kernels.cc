@@ -623,7 +623,8 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
   };
   std::vector<Expert> experts;
   for (int64_t e = 0; e < E; ++e)
-    if (start[e + 1] > start[e]) experts.push_back({&w[0], &w[1], &w[2], e * I * H, e * H * I, I, start[e], start[e + 1] - start[e]});
+    if (start[e + 1] > start[e])
+      experts.push_back({&w[0], &w[1], &w[2], e * I * H, e * H * I, I, start[e], start[e + 1] - start[e]});
   if (shared) experts.push_back({&w[3], &w[4], &w[5], 0, 0, Is, P, N});
   // work items: (expert, first of kBlock output rows)
   auto blocks_of = [&](bool down) {
@@ -760,8 +761,12 @@ extern "C" int dsms_mla_project(int nparam, void **params, int *ndims, int64_t *
   // q_a and kv_a share x: their blocks are one set of work items
   const int64_t qa_blocks = (R + kBlock - 1) / kBlock, kv_blocks = (L + kBlock - 1) / kBlock;
   parallel_for(qa_blocks + kv_blocks, [&](int64_t blk) {
-    if (blk < qa_blocks) q_a.times(xr.data(), M, 0, H, blk * kBlock, std::min((blk + 1) * kBlock, R), qaw.data());
-    else kv_a.times(xr.data(), M, 0, H, (blk - qa_blocks) * kBlock, std::min((blk - qa_blocks + 1) * kBlock, L), lw.data());
+    if (blk < qa_blocks) {
+      q_a.times(xr.data(), M, 0, H, blk * kBlock, std::min((blk + 1) * kBlock, R), qaw.data());
+    } else {
+      const int64_t b = blk - qa_blocks;
+      kv_a.times(xr.data(), M, 0, H, b * kBlock, std::min((b + 1) * kBlock, L), lw.data());
+    }
   });
   rms_norm_rows(qa_buf.data(), qa_buf.data(), M, R, q_norm, R, eps);
   rms_norm_rows(latent, latent, M, L, kv_norm, r, eps);
