@@ -71,7 +71,9 @@ def _bf16_bits(x):
 # rows and features cover every tail of the 8x3 (AVX-512) and 4x3 (AVX2) micro-kernels:
 # 1-7 leftover rows, 1-2 leftover weight rows in a block, and in_features not a multiple of
 # the vector width. Past NATIVE_MAX_ROWS, MindSpore's MatMul runs on the weight, widened
-# from bf16 by `widen_bf16` under bf16 storage.
+# from bf16 by `widen_bf16` under bf16 storage -- unless the kernels run bf16 weights on the
+# tile unit (AMX) and in_features is a multiple of 32 (96 here), when `linear` takes any
+# number of rows.
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 12, NATIVE_MAX_ROWS, 40])
 @pytest.mark.parametrize("out_features,in_features", [(38, 60), (256, 96)])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
@@ -83,8 +85,9 @@ def test_linear(kernels, rows, out_features, in_features, storage):
     w = bf16_to_float32(_bf16_bits(rng.standard_normal((out_features, in_features))))
     cell.weight.set_data(ms.Tensor(w))
     x = rng.standard_normal((1, rows, in_features)).astype(np.float32)
+    use_kernels(cell, kernels)
+    assert cell.native_any_rows == (kernels.matrix_unit and in_features % 32 == 0)
     if storage == "bfloat16":
-        use_kernels(cell, kernels)
         assert cell.bf16_storage
         cell.weight.set_dtype(ms.bfloat16)
         cell.weight.set_data(ms.Tensor.from_numpy(_bf16_bits(w)).view(ms.bfloat16))
@@ -96,13 +99,15 @@ def test_linear(kernels, rows, out_features, in_features, storage):
 
 @pytest.mark.parametrize("rows", [1, 5, NATIVE_MAX_ROWS, 40])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
-def test_swiglu_mlp(kernels, rows, storage):
+@pytest.mark.parametrize("hidden", [40, 64])
+def test_swiglu_mlp(kernels, rows, storage, hidden):
     """An MLP's gate, up and activation as one `swiglu` call up to NATIVE_MAX_ROWS rows (the
-    down projection stays a Linear); past it, MindSpore's MatMuls and one `silu_mul`. Native
-    and MindSpore-ops paths against numpy, with the gate and up weights in fp32 or kept in
-    bf16."""
+    down projection stays a Linear); past it, MindSpore's MatMuls and one `silu_mul`, unless
+    bf16 gate and up weights of 64 columns run on the tile unit (AMX), which takes any
+    number of rows. Native and MindSpore-ops paths against numpy, with the gate and up
+    weights in fp32 or kept in bf16."""
     rng = np.random.default_rng(rows)
-    hidden, inter = 40, 100  # 100 = two 48-feature blocks and a tail of 4
+    inter = 100  # 48-feature blocks (two and a tail of 4), or the tile unit's 64 and a tail of 36
     mlp = MLP(hidden, inter)
     weights = {}
     for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
@@ -113,6 +118,7 @@ def test_swiglu_mlp(kernels, rows, storage):
     want = (g / (1 + np.exp(-g)) * u) @ weights["down_proj"].T
     use_kernels(mlp, kernels)
     assert mlp.native_swiglu is not None and mlp.native_silu_mul is not None
+    assert mlp.native_any_rows == (kernels.matrix_unit and hidden % 32 == 0)
     if storage == "bfloat16":
         for name in ("gate_proj", "up_proj"):
             p = getattr(mlp, name).weight
@@ -124,10 +130,13 @@ def test_swiglu_mlp(kernels, rows, storage):
 
 
 @pytest.mark.parametrize("rows", [3, NATIVE_MAX_ROWS, 40])
-def test_moe_layer_with_its_shared_experts_in_one_call(kernels, rows):
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_moe_layer_with_its_shared_experts_in_one_call(kernels, rows, storage):
     """On a single rank, up to NATIVE_MAX_ROWS tokens run the routed and the shared experts
     as one moe_experts call (two shared experts here, so their intermediate width differs
-    from the routed ones'); more tokens, and MindSpore's ops, run them apart. All agree."""
+    from the routed ones'); more tokens, and MindSpore's ops, run them apart -- unless the
+    weights are kept in bf16 and run on the tile unit (AMX), which takes any number of
+    tokens in the one call. All agree."""
     config = DeepseekConfig.from_pretrained(str(fixture_dir("deepseek_v3_tiny")))
     moe = MoE(dataclasses.replace(config, n_shared_experts=2))
     rng = np.random.default_rng(rows)
@@ -135,6 +144,13 @@ def test_moe_layer_with_its_shared_experts_in_one_call(kernels, rows):
         p.set_data(ms.Tensor(bf16_to_float32(_bf16_bits(rng.standard_normal(p.shape) * 0.3))))
     use_kernels(moe, kernels)
     assert moe.native_with_shared is not None
+    assert moe.native_any_rows == kernels.matrix_unit  # hidden 64, shared width 64
+    if storage == "bfloat16":
+        e, sh = moe.experts, moe.shared_experts
+        for p in (e.gate_proj, e.up_proj, e.down_proj, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight):
+            bits = _bf16_bits(p.asnumpy())
+            p.set_dtype(ms.bfloat16)
+            p.set_data(ms.Tensor.from_numpy(bits).view(ms.bfloat16))
     x = rng.standard_normal((1, rows, config.hidden_size)).astype(np.float32)
     native, reference = _both(moe, kernels, ms.Tensor(x))
     np.testing.assert_array_equal(native[1].asnumpy(), reference[1].asnumpy())  # same routing
@@ -156,18 +172,23 @@ def _aot(lib, name, inputs, outputs):
     assert rc == 0, f"{name} returned {rc}"
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+ISA_FLAGS = {"native": [], "avx512": ["-mno-amx-tile"], "avx2": ["-mno-avx512f"]}
+
+
+@pytest.mark.parametrize("isa", list(ISA_FLAGS))
 def test_products_on_each_instruction_set(tmp_path, isa):
-    """Both vector paths of the dot products (AVX-512 when the CPU has it, and AVX2, built
-    here with -mno-avx512f), for fp32 and bf16 weights, every row tail, and K with a tail
-    past the vector width: `linear` and the routed experts against numpy. With AVX-512,
-    48 rows and more go through transposed weight panels of 3, 2 and 1 vectors (N = 120
-    is blocks of 48, 48 and 24 rows), with 0, 5 and 7 rows left after the 8-row tiles."""
+    """Each vector path of the dot products (the build for this CPU, AVX-512 without the
+    tile unit, built here with -mno-amx-tile, and AVX2, with -mno-avx512f), for fp32 and
+    bf16 weights, every row tail, and K with a tail past the vector width (so the tile
+    unit, which takes K in 32s, never applies): `linear` and the routed experts against
+    numpy. With AVX-512, 48 rows and more go through transposed weight panels of 3, 2 and 1
+    vectors (N = 120 is blocks of 48, 48 and 24 rows), with 0, 5 and 7 rows left after the
+    8-row tiles."""
     import ctypes
     flags = cpu._cpu_flags().split()
-    if isa == "avx2" and b"avx2" not in flags:
-        pytest.skip("no AVX2 on this CPU")
-    lib = ctypes.CDLL(cpu.build(out_dir=str(tmp_path), extra_flags=["-mno-avx512f"] if isa == "avx2" else []))
+    if isa == "avx2" and b"avx2" not in flags or isa == "avx512" and b"avx512f" not in flags:
+        pytest.skip(f"no {isa} on this CPU")
+    lib = ctypes.CDLL(cpu.build(out_dir=str(tmp_path), extra_flags=ISA_FLAGS[isa]))
     widest = 16 if b"avx512f" in flags else 8 if b"avx2" in flags else 1
     assert lib.dsms_vector_width() == (8 if isa == "avx2" else widest)
     rng = np.random.default_rng(3)
@@ -191,6 +212,52 @@ def test_products_on_each_instruction_set(tmp_path, isa):
         y = np.zeros((T, H), np.float32)
         _aot(lib, "dsms_moe_experts", [x, idx, np.zeros(1, np.int32), weights, gate, up, down], [y])
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_weight_products_on_the_tile_unit(tmp_path):
+    """With AMX (the build for this CPU; the test machines have it), bf16-weight products of
+    8 rows and more run on the tile unit, each fp32 activation split into three bf16 parts.
+    `linear` against float64 over every tile tail -- rows past a 16-row tile, a pair of
+    them and a 128-row chunk; weight rows past a pair of 16-row tiles and past a single
+    one -- with each error under 4 eps sqrt(K) of the root sum of squares of its products,
+    a bound float32 sums keep (at K = 32, activations of one bf16 part are about 1000x off
+    it, of two parts about 5x). Then the routed and shared experts, with rows per expert
+    under the 8-row threshold and past a 128-row chunk, within float32's error of the
+    largest output.
+    Without AMX it checks the library says so."""
+    import ctypes
+    lib = ctypes.CDLL(cpu.build(out_dir=str(tmp_path)))
+    has_amx = {b"amx_tile", b"amx_bf16", b"avx512_bf16"} <= set(cpu._cpu_flags().split())
+    assert lib.dsms_matrix_unit() == int(has_amx)
+    if not has_amx:
+        pytest.skip("no AMX on this CPU")
+    rng = np.random.default_rng(5)
+    for M, N, K in [(8, 40, 32), (17, 16, 96), (300, 100, 32), (40, 33, 1024), (16, 75, 512)]:
+        w = bf16_to_float32(w_bits := _bf16_bits(rng.standard_normal((N, K)))).astype(np.float64)
+        x = (rng.standard_normal((M, K)) * 3).astype(np.float32)
+        y = np.full((M, N), np.nan, np.float32)
+        _aot(lib, "dsms_linear", [x, w_bits], [y])
+        x64 = x.astype(np.float64)
+        err = (np.abs(y - x64 @ w.T) / np.sqrt((x64 ** 2) @ (w ** 2).T)).max()
+        assert err < 4 * 2.0 ** -24 * np.sqrt(K), f"{M}x{N}x{K}: error {err:.2e}, not float32 accuracy"
+    E, I, H, k, Is = 4, 96, 64, 2, 64
+    weights = {n: _bf16_bits(rng.standard_normal(s) * 0.3) for n, s in (
+        ("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I)),
+        ("shared_gate", (Is, H)), ("shared_up", (Is, H)), ("shared_down", (H, Is)))}
+    f64 = {n: bf16_to_float32(b).astype(np.float64) for n, b in weights.items()}
+    T = 300  # about 200 rows (two 128-row chunks) for each of experts 0-2; expert 3 gets 3 (dot products)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    idx = np.stack([rng.permutation(3)[:k] for _ in range(T)]).astype(np.int32)
+    idx[:3, 1] = 3
+    gates = rng.random((T, k)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    g, u = x64 @ f64["shared_gate"].T, x64 @ f64["shared_up"].T
+    want = (experts_reference(x64, idx, gates.astype(np.float64), f64, 0, E)
+            + (g / (1 + np.exp(-g)) * u) @ f64["shared_down"].T)
+    y = np.zeros((T, H), np.float32)
+    _aot(lib, "dsms_moe_experts", [x, idx, np.zeros(1, np.int32), gates, *weights.values()], [y])
+    err = np.abs(y - want).max() / np.abs(want).max()
+    assert err < 1e-6, f"experts: error {err:.2e} of the largest output, not float32 accuracy"
 
 
 def test_rms_norm_whole_rows_and_leading_columns(kernels):

@@ -135,7 +135,9 @@ def test_native_cpu_kernel_is_exact(first, n, N):
 def test_native_cpu_kernel_reads_bf16_weights_exactly(hidden, inter):
     """bf16 expert weights (as the loader keeps a BF16 checkpoint's) give the result of the same
     values in fp32, each projection independently: bit for bit when the feature counts are
-    multiples of the vector width, to rounding in the scalar tails otherwise."""
+    multiples of the vector width, to rounding in the scalar tails otherwise, and to float32
+    rounding where the bf16 products run on the tile unit (AMX: 8+ rows of an expert and
+    feature counts that are multiples of 32), which sums them in another order."""
     from deepseek_ms.kernels import cpu
     kernels = cpu.load()
     assert kernels is not None, "the CPU kernels must build on the test machines"
@@ -159,7 +161,7 @@ def test_native_cpu_kernel_reads_bf16_weights_exactly(hidden, inter):
             getattr(cell, p).set_data(ms.Tensor(weights[p]).astype(ms.bfloat16))
         cell.use_kernels(kernels)
         got = ms.jit(_Graph(cell))(*args).asnumpy()
-        if hidden % 8 == 0 and inter % 8 == 0:
+        if hidden % 8 == 0 and inter % 8 == 0 and not (kernels.matrix_unit and hidden % 32 == 0):
             np.testing.assert_array_equal(got, want)
         else:
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,9 @@ only run routed experts densely, over padded slots, or after copying the chosen 
 weights. The kernels here read weights in place: `linear` (y = x W^T for few rows),
 `moe_experts` (exact routed SwiGLU experts for any number of tokens, fp32 or bf16 weights),
 the router, and the pieces of attention that MindSpore runs op by op (RMSNorm, rotary
-embedding, absorbed MLA decode, expanded MLA prefill).
+embedding, absorbed MLA decode, expanded MLA prefill). On a CPU with AMX, products with
+bfloat16 weights run on its tile unit at float32 accuracy and beat MatMul at any row
+count, so `linear`, `swiglu` and `moe_experts` take prefill's rows too (`any_rows`).
 
 The library is compiled once per source and compiler with `-march=native` (it runs where
 it is built) into the user cache, written atomically so concurrent ranks can race safely.
@@ -93,6 +95,19 @@ class CpuKernels:
 
     def __init__(self, library: str):
         self.library = library
+
+    @functools.cached_property
+    def matrix_unit(self) -> bool:
+        """Whether the kernels multiply bfloat16 weights on the CPU's tile unit (AMX), exactly
+        to float32 accuracy (cpu_kernels.cc: split rows)."""
+        import ctypes
+        return bool(ctypes.CDLL(self.library).dsms_matrix_unit())
+
+    def any_rows(self, in_features: int) -> bool:
+        """Whether a product with bfloat16 weights of `in_features` columns beats MindSpore's
+        MatMul here at any row count (prefill too), not only for the few rows of decode: on
+        the tile unit, whose tiles take 32 columns at a time."""
+        return self.matrix_unit and in_features % 32 == 0
 
     def linear(self):
         """(x [..., K], w [N, K] float32 or bfloat16) -> x W^T [..., N], float32."""

@@ -9,8 +9,10 @@
 // per call and then streams from L2 while each group of activation rows, held in L1, walks
 // it. The weights of `linear` and of the routed experts may be bfloat16 (a BF16 checkpoint's
 // own values): they are widened to float32 in registers, exactly, and decode reads half the
-// bytes.
+// bytes. Where the CPU has AMX, products with bfloat16 weights and 8 or more rows run on its
+// tile unit instead, at float32 accuracy (see "split rows" below), for any number of rows.
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -408,6 +410,206 @@ void rows_times_weight(const float *const *x, int64_t M, const W *w, int64_t K, 
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define DSMS_AMX 1
+// AMX (Sapphire Rapids on): a tile unit that multiplies bfloat16 into float32 at about 20x
+// the FMA rate of AVX-512. A bfloat16 weight enters it exactly. A float32 activation is split
+// into three bfloat16 parts, hi + mid + lo == x exactly (8 significant bits each, 24 in all),
+// so each product w * x is exact and the sums are float32's: float32 accuracy at a third of
+// the tile unit's rate, several times the FMA rate. Weight tiles load straight from the
+// checkpoint's [out, in] rows; the activations are split and laid out for the tile unit once
+// per call ("split rows").
+constexpr int64_t kAmxK = 32;     // bfloat16 values per tile row: 64 bytes
+constexpr int64_t kAmxTile = 16;  // rows per tile
+constexpr int64_t kAmxChunk = 8;  // activation tiles (128 rows) walked per weight-block pass: L2-resident
+constexpr int64_t kAmxPrefetch = 4;  // chunks of 32 columns ahead: about a DRAM latency of tile work
+
+// Whether this process may use the tile registers (Linux grants them on request, once).
+bool amx_granted() {
+  static const bool granted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return granted;
+}
+
+constexpr int64_t kAmxMinRows = 8;  // fewer rows are memory-bound, and faster on the FMAs (dots)
+
+// Whether a product of M rows over K columns with bfloat16 weights runs on the tile unit.
+bool amx_applies(int64_t M, int64_t K) { return M >= kAmxMinRows && K % kAmxK == 0 && amx_granted(); }
+
+// bfloat16 values per split tile of 16 rows: K / 32 chunks x 3 parts x [16 k-pairs][16 rows][2]
+inline int64_t split_tile_size(int64_t K) { return 3 * kAmxTile * K; }
+
+// Splits `rows` (<= 16) activation rows into one split tile at dst (missing rows are zero).
+// Each chunk of 32 columns and each part is the tile unit's B operand: row i holds, for each
+// activation row m, the pair of columns (2i, 2i + 1), a 16 x 16 transpose of 32-bit pairs.
+void split_tile(const float *const *x, int64_t rows, int64_t K, bf16 *dst) {
+  for (int64_t c = 0; c < K / kAmxK; ++c) {
+    __m512 part[3][16];
+    for (int m = 0; m < 16; ++m) {
+      if (m >= rows) {
+        for (int p = 0; p < 3; ++p) part[p][m] = _mm512_setzero_ps();
+        continue;
+      }
+      __m512 a = _mm512_loadu_ps(x[m] + c * kAmxK), b = _mm512_loadu_ps(x[m] + c * kAmxK + 16);
+      for (int p = 0; p < 3; ++p) {
+        const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // columns 0..31, rounded
+        part[p][m] = _mm512_castsi512_ps(h);
+        const __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+        const __m512 hb =
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+        a = _mm512_sub_ps(a, ha);  // exact: the bits below the part just taken
+        b = _mm512_sub_ps(b, hb);
+      }
+    }
+    for (int p = 0; p < 3; ++p) {
+      transpose16(part[p]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float *>(dst + ((c * 3 + p) * 16 + i) * 32), part[p][i]);
+    }
+  }
+}
+
+// Splits M rows into ceil(M / 16) consecutive split tiles at dst, over the pool.
+void split_rows(const float *const *x, int64_t M, int64_t K, bf16 *dst) {
+  parallel_for((M + kAmxTile - 1) / kAmxTile, [&](int64_t t) {
+    split_tile(x + t * kAmxTile, std::min(kAmxTile, M - t * kAmxTile), K, dst + t * split_tile_size(K));
+  });
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes: accumulators 0-3 (fp32 [16 weight rows][16 activation
+// rows]), weights 4-5, split activations 6-7. Loaded per work item and released after it,
+// since the calling threads are MindSpore's as well as the pool's.
+inline void amx_begin() {
+  static const TileConfig config = [] {
+    TileConfig c;
+    for (int i = 0; i < 8; ++i) {
+      c.rows[i] = kAmxTile;
+      c.colsb[i] = 64;
+    }
+    return c;
+  }();
+  _tile_loadconfig(&config);
+}
+
+// NB blocks of 16 weight rows (w, then w + 16 K) x MT split tiles (xs[0], xs[1]) into
+// out[b + NB t] (each [16 weight rows][16 activation rows]).
+template <int NB, int MT>
+inline void amx_kernel(const bf16 *w, int64_t K, const bf16 *const *xs, float (*out)[256]) {
+  _tile_zero(0);
+  if (NB > 1) _tile_zero(1);
+  if (MT > 1) _tile_zero(2);
+  if (NB > 1 && MT > 1) _tile_zero(3);
+  const int64_t stride = K * static_cast<int64_t>(sizeof(bf16));
+  for (int64_t c = 0; c < K / kAmxK; ++c) {
+    if (c + kAmxPrefetch < K / kAmxK)  // each weight row is its own stream: the hardware prefetcher lags
+      for (int r = 0; r < NB * kAmxTile; ++r)
+        _mm_prefetch(reinterpret_cast<const char *>(w + r * K + (c + kAmxPrefetch) * kAmxK), _MM_HINT_T0);
+    _tile_loadd(4, w + c * kAmxK, stride);
+    if (NB > 1) _tile_loadd(5, w + kAmxTile * K + c * kAmxK, stride);
+    for (int p = 0; p < 3; ++p) {
+      _tile_loadd(6, xs[0] + (c * 3 + p) * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (NB > 1) _tile_dpbf16ps(1, 5, 6);
+      if (MT > 1) {
+        _tile_loadd(7, xs[1] + (c * 3 + p) * 512, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        if (NB > 1) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  _tile_stored(0, out[0], 64);
+  if (NB > 1) _tile_stored(1, out[1], 64);
+  if (MT > 1) _tile_stored(2, out[NB], 64);
+  if (NB > 1 && MT > 1) _tile_stored(3, out[NB + 1], 64);
+}
+
+// y[m][n .. n + width) from an accumulator [16 weight rows][16 activation rows], for its
+// first `rows` activation rows.
+inline void amx_scatter(const float *acc, int64_t rows, int64_t n, int64_t width, float *const *y) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(acc + 16 * i);
+  transpose16(r);
+  const __mmask16 mask = static_cast<__mmask16>(width >= 16 ? 0xFFFF : (1u << width) - 1);
+  for (int64_t m = 0; m < rows; ++m) _mm512_mask_storeu_ps(y[m] + n, mask, r[m]);
+}
+
+// rows_times_weight for bfloat16 weights on the tile unit: the M rows' split tiles `split`,
+// y[m][n] for n in [n0, n1). K is a multiple of 32.
+void amx_rows_times_weight(const bf16 *split, int64_t M, const bf16 *w, int64_t K, int64_t n0, int64_t n1,
+                           float *const *y) {
+  amx_begin();
+  const int64_t T = (M + kAmxTile - 1) / kAmxTile, tile_size = split_tile_size(K);
+  thread_local std::vector<bf16> pad;  // a last block of fewer than 16 weight rows, zero-filled
+  alignas(64) float out[4][256];
+  for (int64_t t0 = 0; t0 < T; t0 += kAmxChunk) {
+    const int64_t t1 = std::min(T, t0 + kAmxChunk);
+    for (int64_t n = n0; n < n1;) {
+      const int64_t left = n1 - n;
+      const int NB = left >= 2 * kAmxTile ? 2 : 1;
+      const int64_t width = std::min(left, NB * kAmxTile);
+      const bf16 *wb = w + n * K;
+      if (width < kAmxTile) {  // the tile would read past the tensor
+        pad.assign(kAmxTile * K, 0);
+        std::memcpy(pad.data(), wb, sizeof(bf16) * width * K);
+        wb = pad.data();
+      }
+      for (int64_t t = t0; t < t1; t += 2) {
+        const bf16 *xs[2] = {split + t * tile_size, split + (t + 1) * tile_size};
+        const int MT = t + 1 < t1 ? 2 : 1;
+        if (NB == 2 && MT == 2) amx_kernel<2, 2>(wb, K, xs, out);
+        else if (NB == 2) amx_kernel<2, 1>(wb, K, xs, out);
+        else if (MT == 2) amx_kernel<1, 2>(wb, K, xs, out);
+        else amx_kernel<1, 1>(wb, K, xs, out);
+        for (int mt = 0; mt < MT; ++mt) {
+          const int64_t rows = std::min(kAmxTile, M - (t + mt) * kAmxTile);
+          for (int b = 0; b < NB; ++b)
+            amx_scatter(out[b + NB * mt], rows, n + b * kAmxTile, std::min(kAmxTile, width - b * kAmxTile),
+                        y + (t + mt) * kAmxTile);
+        }
+      }
+      n += width;
+    }
+  }
+  _tile_release();
+}
+#endif
+
+// A product's activation rows: row pointers and, when it runs on the tile unit, their split
+// tiles, made once per kernel call (make_rows) and read by all its work items.
+struct Rows {
+  const float *const *x;
+  int64_t M;
+  const bf16 *split;
+};
+
+// Rows x [M] for products with K-column weights (`any_bf16`: bfloat16 ones among them),
+// split into `buf` when the tile unit applies.
+Rows make_rows(const float *const *x, int64_t M, int64_t K, bool any_bf16, std::vector<bf16> &buf) {
+#ifdef DSMS_AMX
+  if (any_bf16 && amx_applies(M, K)) {
+    buf.resize((M + kAmxTile - 1) / kAmxTile * split_tile_size(K));
+    split_rows(x, M, K, buf.data());
+    return {x, M, buf.data()};
+  }
+#endif
+  return {x, M, nullptr};
+}
+
+// Weight rows per work item: on the tile unit, two pairs of 16-row tiles.
+inline int64_t block_rows(const Rows &x) {
+#ifdef DSMS_AMX
+  if (x.split) return 4 * kAmxTile;
+#endif
+  return kBlock;
+}
+
 // A float32 or bfloat16 weight tensor of a kernel's inputs.
 struct AnyWeight {
   const void *data;
@@ -417,10 +619,15 @@ struct AnyWeight {
     return *is_bf16 || std::strcmp(dtype, "float32") == 0;
   }
   // rows_times_weight on the matrix that starts `offset` elements in
-  void times(const float *const *x, int64_t M, int64_t offset, int64_t K, int64_t n0, int64_t n1,
-             float *const *y) const {
-    if (is_bf16) rows_times_weight(x, M, static_cast<const bf16 *>(data) + offset, K, n0, n1, y);
-    else rows_times_weight(x, M, static_cast<const float *>(data) + offset, K, n0, n1, y);
+  void times(const Rows &x, int64_t offset, int64_t K, int64_t n0, int64_t n1, float *const *y) const {
+#ifdef DSMS_AMX
+    if (is_bf16 && x.split) {
+      amx_rows_times_weight(x.split, x.M, static_cast<const bf16 *>(data) + offset, K, n0, n1, y);
+      return;
+    }
+#endif
+    if (is_bf16) rows_times_weight(x.x, x.M, static_cast<const bf16 *>(data) + offset, K, n0, n1, y);
+    else rows_times_weight(x.x, x.M, static_cast<const float *>(data) + offset, K, n0, n1, y);
   }
 };
 
@@ -442,11 +649,11 @@ inline void silu_times(float *h, const float *u, int64_t n) {
 
 // h[r][n0, n1) = silu(x[r] . gate[n]) * (x[r] . up[n]) for M activation rows: a block of a
 // SwiGLU's intermediate features (u: scratch rows for the up projection).
-inline void swiglu_block(const AnyWeight &gate, const AnyWeight &up, const float *const *x, int64_t M,
-                         int64_t offset, int64_t K, int64_t n0, int64_t n1, float *const *h, float *const *u) {
-  gate.times(x, M, offset, K, n0, n1, h);
-  up.times(x, M, offset, K, n0, n1, u);
-  for (int64_t r = 0; r < M; ++r) silu_times(h[r] + n0, u[r] + n0, n1 - n0);
+inline void swiglu_block(const AnyWeight &gate, const AnyWeight &up, const Rows &x, int64_t offset, int64_t K,
+                         int64_t n0, int64_t n1, float *const *h, float *const *u) {
+  gate.times(x, offset, K, n0, n1, h);
+  up.times(x, offset, K, n0, n1, u);
+  for (int64_t r = 0; r < x.M; ++r) silu_times(h[r] + n0, u[r] + n0, n1 - n0);
 }
 
 int64_t numel(int nd, const int64_t *shape) {
@@ -463,6 +670,15 @@ extern "C" int dsms_vector_width() {
   return static_cast<int>(kLanes);
 #else
   return 1;
+#endif
+}
+
+// For tests and the model: 1 when bfloat16-weight products run on the tile unit (AMX).
+extern "C" int dsms_matrix_unit() {
+#ifdef DSMS_AMX
+  return amx_granted() ? 1 : 0;
+#else
+  return 0;
 #endif
 }
 
@@ -497,7 +713,23 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
     xr[m] = x + m * K;
     yr[m] = y + m * N;
   }
-  parallel_ranges(N, kBlock, [&](int64_t n0, int64_t n1) { w.times(xr.data(), M, 0, K, n0, n1, yr.data()); });
+  thread_local std::vector<bf16> split;  // the calling thread's, shared with the workers
+  const Rows rows = make_rows(xr.data(), M, K, w.is_bf16, split);
+  if (!rows.split) {
+    parallel_ranges(N, kBlock, [&](int64_t n0, int64_t n1) { w.times(rows, 0, K, n0, n1, yr.data()); });
+    return 0;
+  }
+#ifdef DSMS_AMX
+  // on the tile unit, many rows (prefill) go in chunks that stay in L2 while the weights
+  // stream past: work items are (chunk, block of weight rows), chunk-major
+  const int64_t chunk = kAmxChunk * kAmxTile, chunks = (M + chunk - 1) / chunk, block = block_rows(rows);
+  const int64_t blocks = (N + block - 1) / block;
+  parallel_for(chunks * blocks, [&](int64_t item) {
+    const int64_t m0 = item / blocks * chunk, n0 = item % blocks * block;
+    const Rows part{xr.data() + m0, std::min(chunk, M - m0), rows.split + m0 / kAmxTile * split_tile_size(K)};
+    w.times(part, 0, K, n0, std::min(n0 + block, N), yr.data() + m0);
+  });
+#endif
   return 0;
 }
 
@@ -523,8 +755,10 @@ extern "C" int dsms_swiglu(int nparam, void **params, int *ndims, int64_t **shap
     hr[m] = h + m * I;
     ur[m] = ubuf.data() + m * I;
   }
-  parallel_ranges(I, kBlock, [&](int64_t n0, int64_t n1) {
-    swiglu_block(gate, up, xr.data(), M, 0, K, n0, n1, hr.data(), ur.data());
+  thread_local std::vector<bf16> split;
+  const Rows rows = make_rows(xr.data(), M, K, gate.is_bf16 || up.is_bf16, split);
+  parallel_ranges(I, block_rows(rows), [&](int64_t n0, int64_t n1) {
+    swiglu_block(gate, up, rows, 0, K, n0, n1, hr.data(), ur.data());
   });
   return 0;
 }
@@ -626,39 +860,76 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
     if (start[e + 1] > start[e])
       experts.push_back({&w[0], &w[1], &w[2], e * I * H, e * H * I, I, start[e], start[e + 1] - start[e]});
   if (shared) experts.push_back({&w[3], &w[4], &w[5], 0, 0, Is, P, N});
-  // work items: (expert, first of kBlock output rows)
-  auto blocks_of = [&](bool down) {
+  // work items: (expert, first of its block of output rows)
+  auto blocks_of = [&](bool down, const std::vector<Rows> &rows) {
     std::vector<std::pair<int64_t, int64_t>> items;
     for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i)
-      for (int64_t b = 0; b < (down ? H : experts[i].inter); b += kBlock) items.emplace_back(i, b);
+      for (int64_t b = 0; b < (down ? H : experts[i].inter); b += block_rows(rows[i])) items.emplace_back(i, b);
     return items;
   };
-  auto items = blocks_of(false);
-  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
-    const Expert &ex = experts[items[it].first];
-    const int64_t b0 = items[it].second, b1 = std::min(b0 + kBlock, ex.inter);
-    swiglu_block(*ex.gate, *ex.up, xrows.data() + ex.r0, ex.m, ex.gu_offset, H, b0, b1, hrows.data() + ex.r0,
-                 urows.data() + ex.r0);
-  });
-  items = blocks_of(true);
-  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
-    const Expert &ex = experts[items[it].first];
-    const int64_t b0 = items[it].second, b1 = std::min(b0 + kBlock, H);
-    ex.down->times(hrows.data() + ex.r0, ex.m, ex.down_offset, ex.inter, b0, b1, yrows.data() + ex.r0);
-  });
-  for (int64_t t = 0; t < N; ++t) {
-    float *out = y + t * H;
-    std::memset(out, 0, sizeof(float) * H);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t r = slot[t * k + j];
-      if (r < 0) continue;
-      const float wt = weight[t * k + j];
-      const float *src = yrows[r];
-      for (int64_t h = 0; h < H; ++h) out[h] += wt * src[h];
+  // each expert's rows, split for the tile unit where it applies: x for gate/up, then h for down
+  thread_local std::vector<bf16> xsplit, hsplit;
+  auto rows_of = [&](bool down, std::vector<bf16> &buf) {
+    const float *const *x = down ? hrows.data() : xrows.data();
+    std::vector<Rows> expert_rows;
+    for (const Expert &ex : experts) expert_rows.push_back({x + ex.r0, ex.m, nullptr});
+#ifdef DSMS_AMX
+    std::vector<int64_t> offset;  // of each expert's split tiles in buf; -1: not split
+    int64_t size = 0;
+    for (const Expert &ex : experts) {
+      const int64_t K = down ? ex.inter : H;
+      const bool split = (down ? ex.down->is_bf16 : ex.gate->is_bf16 || ex.up->is_bf16) && amx_applies(ex.m, K);
+      offset.push_back(split ? size : -1);
+      if (split) size += (ex.m + kAmxTile - 1) / kAmxTile * split_tile_size(K);
     }
-    if (shared)
-      for (int64_t h = 0; h < H; ++h) out[h] += yrows[P + t][h];
-  }
+    buf.resize(size);
+    std::vector<std::pair<int64_t, int64_t>> tiles;  // (expert, first row)
+    for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i)
+      if (offset[i] >= 0)
+        for (int64_t r = 0; r < experts[i].m; r += kAmxTile) tiles.emplace_back(i, r);
+    parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t it) {
+      const int64_t i = tiles[it].first, r = tiles[it].second, K = down ? experts[i].inter : H;
+      split_tile(expert_rows[i].x + r, std::min(kAmxTile, expert_rows[i].M - r), K,
+                 buf.data() + offset[i] + r / kAmxTile * split_tile_size(K));
+    });
+    for (size_t i = 0; i < expert_rows.size(); ++i)
+      if (offset[i] >= 0) expert_rows[i].split = buf.data() + offset[i];
+#else
+    (void)buf;
+#endif
+    return expert_rows;
+  };
+  std::vector<Rows> expert_rows = rows_of(false, xsplit);
+  auto items = blocks_of(false, expert_rows);
+  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
+    const int64_t i = items[it].first;
+    const Expert &ex = experts[i];
+    const int64_t b0 = items[it].second, b1 = std::min(b0 + block_rows(expert_rows[i]), ex.inter);
+    swiglu_block(*ex.gate, *ex.up, expert_rows[i], ex.gu_offset, H, b0, b1, hrows.data() + ex.r0, urows.data() + ex.r0);
+  });
+  expert_rows = rows_of(true, hsplit);
+  items = blocks_of(true, expert_rows);
+  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
+    const int64_t i = items[it].first;
+    const Expert &ex = experts[i];
+    const int64_t b0 = items[it].second, b1 = std::min(b0 + block_rows(expert_rows[i]), H);
+    ex.down->times(expert_rows[i], ex.down_offset, ex.inter, b0, b1, yrows.data() + ex.r0);
+  });
+  parallel_ranges(N, std::max<int64_t>(1, kChunk / H), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float *out = y + t * H;
+      std::memset(out, 0, sizeof(float) * H);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = slot[t * k + j];
+        if (r < 0) continue;
+        const float wt = weight[t * k + j];
+        const float *src = yrows[r];
+        for (int64_t h = 0; h < H; ++h) out[h] += wt * src[h];
+      }
+      if (shared)
+        for (int64_t h = 0; h < H; ++h) out[h] += yrows[P + t][h];
+    }
+  });
   return 0;
 }
 
@@ -759,19 +1030,22 @@ extern "C" int dsms_mla_project(int nparam, void **params, int *ndims, int64_t *
     qw[m] = q + m * N;
   }
   // q_a and kv_a share x: their blocks are one set of work items
-  const int64_t qa_blocks = (R + kBlock - 1) / kBlock, kv_blocks = (L + kBlock - 1) / kBlock;
+  thread_local std::vector<bf16> split;
+  const Rows xrows = make_rows(xr.data(), M, H, q_a.is_bf16 || kv_a.is_bf16, split);
+  const int64_t block = block_rows(xrows), qa_blocks = (R + block - 1) / block, kv_blocks = (L + block - 1) / block;
   parallel_for(qa_blocks + kv_blocks, [&](int64_t blk) {
     if (blk < qa_blocks) {
-      q_a.times(xr.data(), M, 0, H, blk * kBlock, std::min((blk + 1) * kBlock, R), qaw.data());
+      q_a.times(xrows, 0, H, blk * block, std::min((blk + 1) * block, R), qaw.data());
     } else {
       const int64_t b = blk - qa_blocks;
-      kv_a.times(xr.data(), M, 0, H, b * kBlock, std::min((b + 1) * kBlock, L), lw.data());
+      kv_a.times(xrows, 0, H, b * block, std::min((b + 1) * block, L), lw.data());
     }
   });
   rms_norm_rows(qa_buf.data(), qa_buf.data(), M, R, q_norm, R, eps);
   rms_norm_rows(latent, latent, M, L, kv_norm, r, eps);
   rope_rows(latent, latent, M, L, cs, sn, h, 1);
-  parallel_ranges(N, kBlock, [&](int64_t n0, int64_t n1) { q_b.times(qaw.data(), M, 0, R, n0, n1, qw.data()); });
+  const Rows qa_rows = make_rows(qaw.data(), M, R, q_b.is_bf16, split);
+  parallel_ranges(N, block_rows(qa_rows), [&](int64_t n0, int64_t n1) { q_b.times(qa_rows, 0, R, n0, n1, qw.data()); });
   rope_rows(q, q, M * (N / dq), dq, cs, sn, h, N / dq);
   return 0;
 }

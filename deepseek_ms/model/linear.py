@@ -39,6 +39,13 @@ ROLES = ("column", "row", "replicated")
 NATIVE_MAX_ROWS = 16
 
 
+def native_rows(rows: int, any_rows: bool, weight) -> bool:
+    """Whether a product of `rows` rows with `weight` takes its attached native kernel: few
+    rows (decode) always; any number when the kernel beats MatMul at any row count for
+    bfloat16 weights (`any_rows`, see CpuKernels.any_rows) and this weight is kept in bf16."""
+    return rows <= NATIVE_MAX_ROWS or (any_rows and weight.dtype == ms.bfloat16)
+
+
 class DenseWeight:
     """Plain weights in param_dtype, multiplied in compute_dtype."""
     name = "dense"
@@ -95,6 +102,7 @@ class Linear(nn.Cell):
         self.reduce = AllReduce(tp.name, tp.size) if role == "row" else None
         self.native_linear = None
         self.native_widen = None
+        self.native_any_rows = False
 
     @property
     def dense_fp32(self) -> bool:
@@ -105,24 +113,27 @@ class Linear(nn.Cell):
         """Route few-row fp32 products of dense weights through `kernels.linear` (inference only)."""
         self.native_linear = kernels.linear() if kernels is not None and self.dense_fp32 else None
         self.native_widen = kernels.widen_bf16() if self.native_linear is not None else None
+        self.native_any_rows = self.native_linear is not None and kernels.any_rows(self.local_in)
         if self.native_linear is None and self.fmt is DenseWeight:
             undo_bf16_storage([self.weight], self.param_dtype)
 
     @property
     def bf16_storage(self) -> bool:
         """Whether the checkpoint loader may keep the weight in bfloat16 when the checkpoint
-        stores it so. Exact: the native kernel widens it to fp32 in registers, and a many-row
-        product (prefill) widens it for MindSpore's MatMul in that call (`kernels.widen_bf16`)
-        instead of keeping an fp32 copy. Decode, which reads every weight each step for a few
-        rows, reads half the bytes. Off under MindSpore's ops only (devices, training) and
-        where another kernel reads the weight as fp32 (`bf16_storage_ok`)."""
+        stores it so. Exact: the native kernel widens it to fp32 in registers, or multiplies it
+        on the tile unit (AMX) against activations split exactly into bf16 parts, and a
+        many-row product without the tile unit (prefill) widens it for MindSpore's MatMul in
+        that call (`kernels.widen_bf16`) instead of keeping an fp32 copy. Decode, which reads
+        every weight each step for a few rows, reads half the bytes. Off under MindSpore's ops
+        only (devices, training) and where another kernel reads the weight as fp32
+        (`bf16_storage_ok`)."""
         return self.native_linear is not None and self.bf16_storage_ok
 
     def construct(self, x):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        if (self.native_linear is not None and not self.training and x2d.shape[0] <= NATIVE_MAX_ROWS
-                and x2d.dtype == ms.float32):
+        if (self.native_linear is not None and not self.training and x2d.dtype == ms.float32
+                and native_rows(x2d.shape[0], self.native_any_rows, self.weight)):
             y = self.native_linear(x2d, self.weight)
         else:
             y = self.fmt.matmul(self, x2d)

@@ -26,7 +26,7 @@ from ..config import DeepseekConfig
 from ..parallel.ep_dispatch import AlltoAllDispatcher
 from ..parallel.layers import TokenExchange
 from ..parallel.layout import NO_EP, ExpertGroups, use_alltoall
-from .linear import NATIVE_MAX_ROWS, NO_TP, Linear, TPGroup, undo_bf16_storage
+from .linear import NO_TP, Linear, TPGroup, native_rows, undo_bf16_storage
 
 _MASKED = -1e30  # a dropped group's experts can never be selected
 
@@ -41,18 +41,22 @@ class MLP(nn.Cell):
         self.down_proj = Linear(intermediate_size, hidden_size, "row", tp, param_dtype)
         self.native_swiglu = None
         self.native_silu_mul = None
+        self.native_any_rows = False
 
     def use_kernels(self, kernels) -> None:
-        """Few-row inputs (decode) run gate, up and the activation as one `kernels.swiglu` call
+        """Few-row inputs (decode), and any number when the kernels run bf16 weights on the
+        tile unit (`any_rows`), take gate, up and the activation as one `kernels.swiglu` call
         when the projections take the native kernels (the Linears get theirs separately);
-        more rows keep the projections apart and take the activation as one `silu_mul`."""
+        otherwise the projections stay apart and the activation is one `silu_mul`."""
         self.native_swiglu = kernels.swiglu() if kernels is not None and self.gate_proj.dense_fp32 else None
         self.native_silu_mul = kernels.silu_mul() if kernels is not None else None
+        self.native_any_rows = self.native_swiglu is not None and kernels.any_rows(self.gate_proj.local_in)
 
     def construct(self, x):
         x2d = x.reshape(-1, x.shape[-1])
         native = not self.training and x2d.dtype == ms.float32
-        if native and self.native_swiglu is not None and x2d.shape[0] <= NATIVE_MAX_ROWS:
+        if (native and self.native_swiglu is not None
+                and native_rows(x2d.shape[0], self.native_any_rows, self.gate_proj.weight)):
             h = self.native_swiglu(x2d, self.gate_proj.weight, self.up_proj.weight)
             return self.down_proj(h.reshape(x.shape[:-1] + (h.shape[-1],)))
         if native and self.native_silu_mul is not None:
@@ -175,9 +179,10 @@ class RoutedExperts(nn.Cell):
     @property
     def bf16_storage(self) -> bool:
         """Whether the checkpoint loader may keep these weights in bfloat16 when the checkpoint
-        stores them so: exact, since the native kernel widens them to fp32 in registers, and
-        decode, which reads every expert's weights each step at large batch, reads half the
-        bytes. MindSpore's own ops (devices, training) keep fp32."""
+        stores them so: exact, since the native kernel widens them to fp32 in registers (or
+        multiplies them on the tile unit against activations split exactly into bf16 parts),
+        and decode, which reads every expert's weights each step at large batch, reads half
+        the bytes. MindSpore's own ops (devices, training) keep fp32."""
         return self.native_experts is not None
 
     def construct(self, x, idx, weights):
@@ -296,21 +301,26 @@ class MoE(nn.Cell):
         # on a single rank the routed and shared experts' sum needs no communication
         self.single_rank = all(g.size == 1 for g in (tp, ep.ep, ep.moe_tp, ep.dp, ep.reduce))
         self.native_with_shared = None
+        self.native_any_rows = False
 
     def use_kernels(self, kernels) -> None:
-        """On a single rank, few-token inputs (decode) run the routed and the shared experts
+        """On a single rank, few-token inputs (decode), and any number when the shared experts'
+        bf16 weights run on the tile unit (`any_rows`), take the routed and the shared experts
         in one `kernels.moe_experts` call when both take the native kernels (their own
         kernels are attached to them separately)."""
         native = (kernels is not None and self.has_shared and self.single_rank
                   and self.shared_experts.gate_proj.dense_fp32 and self.experts.param_dtype == ms.float32)
         self.native_with_shared = kernels.moe_experts(with_shared=True) if native else None
+        s = self.shared_experts if native else None
+        self.native_any_rows = native and kernels.any_rows(s.gate_proj.local_in) and kernels.any_rows(
+            s.down_proj.local_in)
 
     def construct(self, x):
         """x [B,S,H] -> (y [B,S,H], routing indices [B*S,k], routing weights [B*S,k])."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if (self.native_with_shared is not None and not self.training and flat.shape[0] <= NATIVE_MAX_ROWS
-                and flat.dtype == ms.float32):
+        if (self.native_with_shared is not None and not self.training and flat.dtype == ms.float32
+                and native_rows(flat.shape[0], self.native_any_rows, self.shared_experts.gate_proj.weight)):
             idx, weights = self.gate(flat)
             e, s = self.experts, self.shared_experts
             y = self.native_with_shared(flat, idx, e.first_expert_tensor, weights.astype(ms.float32), e.gate_proj,
