@@ -260,19 +260,20 @@ def test_bf16_weight_products_on_the_tile_unit(tmp_path):
     assert err < 1e-6, f"experts: error {err:.2e} of the largest output, not float32 accuracy"
 
 
-def test_rms_norm_whole_rows_and_leading_columns(kernels):
+@pytest.mark.parametrize("tokens", [5, 1500])  # 1500: 3000 rows, three work items of the pool
+def test_rms_norm_whole_rows_and_leading_columns(kernels, tokens):
     rng = np.random.default_rng(0)
     cell = RMSNorm(48, eps=1e-6)
     weight = rng.standard_normal(48).astype(np.float32)
     cell.weight.set_data(ms.Tensor(weight))
-    x = rng.standard_normal((2, 5, 48)).astype(np.float32) * 3
+    x = rng.standard_normal((2, tokens, 48)).astype(np.float32) * 3
     native, reference = _both(cell, kernels, ms.Tensor(x))
     want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * weight
     np.testing.assert_allclose(native.asnumpy(), want, **TOL)
     np.testing.assert_allclose(reference.asnumpy(), want, **TOL)
     # MLA's latent: normalise the first 48 columns, pass the 8 rope columns through
     cell.use_kernels(kernels)
-    wide = rng.standard_normal((2, 5, 56)).astype(np.float32)
+    wide = rng.standard_normal((2, tokens, 56)).astype(np.float32)
     got = cell.leading(ms.Tensor(wide)).asnumpy()
     head = wide[..., :48]
     np.testing.assert_allclose(got[..., :48], head / np.sqrt((head.astype(np.float64) ** 2).mean(-1, keepdims=True)
@@ -280,7 +281,8 @@ def test_rms_norm_whole_rows_and_leading_columns(kernels):
     np.testing.assert_array_equal(got[..., 48:], wide[..., 48:])
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 24), (2, 3, 40)])
+# the last shape is 16000 rows of 4 heads: six work items of the pool, each whole tokens
+@pytest.mark.parametrize("shape", [(2, 3, 4, 24), (2, 3, 40), (2, 2000, 4, 24)])
 def test_rope_on_trailing_columns(kernels, shape):
     rng = np.random.default_rng(1)
     dr = 8

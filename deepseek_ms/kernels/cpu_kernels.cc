@@ -941,8 +941,14 @@ void rms_norm_rows(const float *x, float *y, int64_t rows, int64_t W, const floa
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * W;
     float *yr = y + r * W;
+    int64_t d = 0;
     float ss = 0.0f;
-    for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+#ifdef __AVX2__
+    Vec acc = vzero();  // the sum of squares in kLanes partial sums: a serial one is latency-bound
+    for (; d + kLanes <= D; d += kLanes) acc = vfma(vload(xr + d), vload(xr + d), acc);
+    ss = vsum(acc);
+#endif
+    for (; d < D; ++d) ss += xr[d] * xr[d];
     const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
     for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * scale * w[d];
     if (yr != xr)
@@ -979,9 +985,12 @@ extern "C" int dsms_rms_norm(int nparam, void **params, int *ndims, int64_t **sh
                              void *stream, void *extra) {
   if (nparam != 4) return 1;
   const int64_t W = shapes[0][ndims[0] - 1];
-  rms_norm_rows(static_cast<const float *>(params[0]), static_cast<float *>(params[3]),
-                numel(ndims[0], shapes[0]) / W, W, static_cast<const float *>(params[1]), shapes[1][0],
-                *static_cast<const float *>(params[2]));
+  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[3]);
+  const float eps = *static_cast<const float *>(params[2]);
+  parallel_ranges(numel(ndims[0], shapes[0]) / W, std::max<int64_t>(1, kChunk / W), [&](int64_t r0, int64_t r1) {
+    rms_norm_rows(x + r0 * W, y + r0 * W, r1 - r0, W, w, shapes[1][0], eps);
+  });
   return 0;
 }
 
@@ -991,10 +1000,15 @@ extern "C" int dsms_rope(int nparam, void **params, int *ndims, int64_t **shapes
                          void *stream, void *extra) {
   if (nparam != 4) return 1;
   const int64_t W = shapes[0][ndims[0] - 1], h = shapes[1][ndims[1] - 1];
-  const int64_t rows = numel(ndims[0], shapes[0]) / W;
-  rope_rows(static_cast<const float *>(params[0]), static_cast<float *>(params[3]), rows, W,
-            static_cast<const float *>(params[1]), static_cast<const float *>(params[2]), h,
-            rows / (numel(ndims[1], shapes[1]) / h));
+  const int64_t rows = numel(ndims[0], shapes[0]) / W, per_token = rows / (numel(ndims[1], shapes[1]) / h);
+  const float *x = static_cast<const float *>(params[0]), *cs = static_cast<const float *>(params[1]);
+  const float *sn = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  // whole tokens per work item: a token's rows share its cos/sin
+  const int64_t step = per_token * std::max<int64_t>(1, kChunk / (W * per_token));
+  parallel_ranges(rows, step, [&](int64_t r0, int64_t r1) {
+    rope_rows(x + r0 * W, y + r0 * W, r1 - r0, W, cs + r0 / per_token * h, sn + r0 / per_token * h, h, per_token);
+  });
   return 0;
 }
 
