@@ -587,6 +587,15 @@ struct Rows {
   const float *const *x;
   int64_t M;
   const bf16 *split;
+  // rows [m0, m0 + m) of these, m0 a multiple of 16 (a split tile's first row); K: their columns
+  Rows part(int64_t m0, int64_t m, int64_t K) const {
+#ifdef DSMS_AMX
+    return {x + m0, m, split ? split + m0 / kAmxTile * split_tile_size(K) : nullptr};
+#else
+    (void)K;
+    return {x + m0, m, split};
+#endif
+  }
 };
 
 // Rows x [M] for products with K-column weights (`any_bf16`: bfloat16 ones among them),
@@ -726,8 +735,7 @@ extern "C" int dsms_linear(int nparam, void **params, int *ndims, int64_t **shap
   const int64_t blocks = (N + block - 1) / block;
   parallel_for(chunks * blocks, [&](int64_t item) {
     const int64_t m0 = item / blocks * chunk, n0 = item % blocks * block;
-    const Rows part{xr.data() + m0, std::min(chunk, M - m0), rows.split + m0 / kAmxTile * split_tile_size(K)};
-    w.times(part, 0, K, n0, std::min(n0 + block, N), yr.data() + m0);
+    w.times(rows.part(m0, std::min(chunk, M - m0), K), 0, K, n0, std::min(n0 + block, N), yr.data() + m0);
   });
 #endif
   return 0;
@@ -861,10 +869,26 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
       experts.push_back({&w[0], &w[1], &w[2], e * I * H, e * H * I, I, start[e], start[e + 1] - start[e]});
   if (shared) experts.push_back({&w[3], &w[4], &w[5], 0, 0, Is, P, N});
   // work items: (expert, first of its block of output rows)
-  auto blocks_of = [&](bool down, const std::vector<Rows> &rows) {
-    std::vector<std::pair<int64_t, int64_t>> items;
-    for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i)
-      for (int64_t b = 0; b < (down ? H : experts[i].inter); b += block_rows(rows[i])) items.emplace_back(i, b);
+  // work items: an expert's block of output features against all its rows; past one chunk of
+  // rows on the tile unit (prefill) instead a chunk of its rows (which then stays in L2)
+  // against all its weights, which would otherwise stream all its rows from L3 per block
+  struct Item {
+    int64_t expert, n0, n1, m0, m;
+  };
+  auto items_of = [&](bool down, const std::vector<Rows> &rows) {
+    std::vector<Item> items;
+    for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i) {
+      const int64_t width = down ? H : experts[i].inter, M = experts[i].m;
+#ifdef DSMS_AMX
+      if (rows[i].split && M > kAmxChunk * kAmxTile) {
+        for (int64_t m0 = 0; m0 < M; m0 += kAmxChunk * kAmxTile)
+          items.push_back({i, 0, width, m0, std::min(kAmxChunk * kAmxTile, M - m0)});
+        continue;
+      }
+#endif
+      const int64_t block = block_rows(rows[i]);
+      for (int64_t b = 0; b < width; b += block) items.push_back({i, b, std::min(b + block, width), 0, M});
+    }
     return items;
   };
   // each expert's rows, split for the tile unit where it applies: x for gate/up, then h for down
@@ -900,20 +924,21 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
     return expert_rows;
   };
   std::vector<Rows> expert_rows = rows_of(false, xsplit);
-  auto items = blocks_of(false, expert_rows);
+  auto items = items_of(false, expert_rows);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
-    const int64_t i = items[it].first;
-    const Expert &ex = experts[i];
-    const int64_t b0 = items[it].second, b1 = std::min(b0 + block_rows(expert_rows[i]), ex.inter);
-    swiglu_block(*ex.gate, *ex.up, expert_rows[i], ex.gu_offset, H, b0, b1, hrows.data() + ex.r0, urows.data() + ex.r0);
+    const Item &item = items[it];
+    const Expert &ex = experts[item.expert];
+    const int64_t r = ex.r0 + item.m0;
+    swiglu_block(*ex.gate, *ex.up, expert_rows[item.expert].part(item.m0, item.m, H), ex.gu_offset, H, item.n0,
+                 item.n1, hrows.data() + r, urows.data() + r);
   });
   expert_rows = rows_of(true, hsplit);
-  items = blocks_of(true, expert_rows);
+  items = items_of(true, expert_rows);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t it) {
-    const int64_t i = items[it].first;
-    const Expert &ex = experts[i];
-    const int64_t b0 = items[it].second, b1 = std::min(b0 + block_rows(expert_rows[i]), H);
-    ex.down->times(expert_rows[i], ex.down_offset, ex.inter, b0, b1, yrows.data() + ex.r0);
+    const Item &item = items[it];
+    const Expert &ex = experts[item.expert];
+    ex.down->times(expert_rows[item.expert].part(item.m0, item.m, ex.inter), ex.down_offset, ex.inter, item.n0,
+                   item.n1, yrows.data() + ex.r0 + item.m0);
   });
   parallel_ranges(N, std::max<int64_t>(1, kChunk / H), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
