@@ -421,6 +421,7 @@ void rows_times_weight(const float *const *x, int64_t M, const W *w, int64_t K, 
 // per call ("split rows").
 constexpr int64_t kAmxK = 32;     // bfloat16 values per tile row: 64 bytes
 constexpr int64_t kAmxTile = 16;  // rows per tile
+constexpr int64_t kAmxTileValues = kAmxTile * kAmxK;  // bfloat16 values per tile of split rows: 1 KB
 constexpr int64_t kAmxChunk = 8;  // activation tiles (128 rows) walked per weight-block pass: L2-resident
 constexpr int64_t kAmxPrefetch = 4;  // chunks of 32 columns ahead: about a DRAM latency of tile work
 
@@ -465,7 +466,8 @@ void split_tile(const float *const *x, int64_t rows, int64_t K, bf16 *dst) {
     }
     for (int p = 0; p < 3; ++p) {
       transpose16(part[p]);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float *>(dst + ((c * 3 + p) * 16 + i) * 32), part[p][i]);
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_ps(reinterpret_cast<float *>(dst + (c * 3 + p) * kAmxTileValues + i * kAmxK), part[p][i]);
     }
   }
 }
@@ -484,8 +486,8 @@ struct TileConfig {
 };
 
 // Every tile 16 rows x 64 bytes: accumulators 0-3 (fp32 [16 weight rows][16 activation
-// rows]), weights 4-5, split activations 6-7. Loaded per work item and released after it,
-// since the calling threads are MindSpore's as well as the pool's.
+// rows]), weights 4-5, split activations 6-7. Loaded per amx_rows_times_weight call and
+// released after it, since the calling threads are MindSpore's as well as the pool's.
 inline void amx_begin() {
   static const TileConfig config = [] {
     TileConfig c;
@@ -514,11 +516,11 @@ inline void amx_kernel(const bf16 *w, int64_t K, const bf16 *const *xs, float (*
     _tile_loadd(4, w + c * kAmxK, stride);
     if (NB > 1) _tile_loadd(5, w + kAmxTile * K + c * kAmxK, stride);
     for (int p = 0; p < 3; ++p) {
-      _tile_loadd(6, xs[0] + (c * 3 + p) * 512, 64);
+      _tile_loadd(6, xs[0] + (c * 3 + p) * kAmxTileValues, 64);
       _tile_dpbf16ps(0, 4, 6);
       if (NB > 1) _tile_dpbf16ps(1, 5, 6);
       if (MT > 1) {
-        _tile_loadd(7, xs[1] + (c * 3 + p) * 512, 64);
+        _tile_loadd(7, xs[1] + (c * 3 + p) * kAmxTileValues, 64);
         _tile_dpbf16ps(2, 4, 7);
         if (NB > 1) _tile_dpbf16ps(3, 5, 7);
       }
