@@ -870,7 +870,6 @@ extern "C" int dsms_moe_experts(int nparam, void **params, int *ndims, int64_t *
     if (start[e + 1] > start[e])
       experts.push_back({&w[0], &w[1], &w[2], e * I * H, e * H * I, I, start[e], start[e + 1] - start[e]});
   if (shared) experts.push_back({&w[3], &w[4], &w[5], 0, 0, Is, P, N});
-  // work items: (expert, first of its block of output rows)
   // work items: an expert's block of output features against all its rows; past one chunk of
   // rows on the tile unit (prefill) instead a chunk of its rows (which then stays in L2)
   // against all its weights, which would otherwise stream all its rows from L3 per block

@@ -311,9 +311,8 @@ class MoE(nn.Cell):
         native = (kernels is not None and self.has_shared and self.single_rank
                   and self.shared_experts.gate_proj.dense_fp32 and self.experts.param_dtype == ms.float32)
         self.native_with_shared = kernels.moe_experts(with_shared=True) if native else None
-        s = self.shared_experts if native else None
-        self.native_any_rows = native and kernels.any_rows(s.gate_proj.local_in) and kernels.any_rows(
-            s.down_proj.local_in)
+        self.native_any_rows = native and all(kernels.any_rows(p.local_in) for p in (
+            self.shared_experts.gate_proj, self.shared_experts.down_proj))
 
     def construct(self, x):
         """x [B,S,H] -> (y [B,S,H], routing indices [B*S,k], routing weights [B*S,k])."""
