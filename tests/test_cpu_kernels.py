@@ -68,6 +68,13 @@ def _bf16_bits(x):
     return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
+def _keep_in_bf16(param, values):
+    """Store `values` (bf16-exact float32) in `param` as bfloat16, as the loader keeps a BF16
+    checkpoint's weights under the native kernels."""
+    param.set_dtype(ms.bfloat16)
+    param.set_data(ms.Tensor.from_numpy(_bf16_bits(values)).view(ms.bfloat16))
+
+
 # rows and features cover every tail of the 8x3 (AVX-512) and 4x3 (AVX2) micro-kernels:
 # 1-7 leftover rows, 1-2 leftover weight rows in a block, and in_features not a multiple of
 # the vector width. Past NATIVE_MAX_ROWS, MindSpore's MatMul runs on the weight, widened
@@ -89,8 +96,7 @@ def test_linear(kernels, rows, out_features, in_features, storage):
     assert cell.native_any_rows == (kernels.matrix_unit and in_features % 32 == 0)
     if storage == "bfloat16":
         assert cell.bf16_storage
-        cell.weight.set_dtype(ms.bfloat16)
-        cell.weight.set_data(ms.Tensor.from_numpy(_bf16_bits(w)).view(ms.bfloat16))
+        _keep_in_bf16(cell.weight, w)
     native, reference = _both(cell, kernels, ms.Tensor(x))
     assert cell.weight.dtype == ms.float32
     np.testing.assert_allclose(native.asnumpy(), x @ w.T, **TOL)
@@ -121,9 +127,7 @@ def test_swiglu_mlp(kernels, rows, storage, hidden):
     assert mlp.native_any_rows == (kernels.matrix_unit and hidden % 32 == 0)
     if storage == "bfloat16":
         for name in ("gate_proj", "up_proj"):
-            p = getattr(mlp, name).weight
-            p.set_dtype(ms.bfloat16)
-            p.set_data(ms.Tensor.from_numpy(_bf16_bits(weights[name])).view(ms.bfloat16))
+            _keep_in_bf16(getattr(mlp, name).weight, weights[name])
     native, reference = _both(mlp, kernels, ms.Tensor(x))
     np.testing.assert_allclose(native.asnumpy(), want, **TOL)
     np.testing.assert_allclose(reference.asnumpy(), want, **TOL)
@@ -148,9 +152,7 @@ def test_moe_layer_with_its_shared_experts_in_one_call(kernels, rows, storage):
     if storage == "bfloat16":
         e, sh = moe.experts, moe.shared_experts
         for p in (e.gate_proj, e.up_proj, e.down_proj, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight):
-            bits = _bf16_bits(p.asnumpy())
-            p.set_dtype(ms.bfloat16)
-            p.set_data(ms.Tensor.from_numpy(bits).view(ms.bfloat16))
+            _keep_in_bf16(p, p.asnumpy())
     x = rng.standard_normal((1, rows, config.hidden_size)).astype(np.float32)
     native, reference = _both(moe, kernels, ms.Tensor(x))
     np.testing.assert_array_equal(native[1].asnumpy(), reference[1].asnumpy())  # same routing
